@@ -1,0 +1,496 @@
+"""numba kernels over the Forest's struct-of-arrays: select, expand, backup, extract.
+
+Why kernels and not methods: one numba call costs ~2 us to dispatch, so every kernel here
+handles a whole wave (all trees, all leaves) per call, validates its input before it writes
+anything (an error code comes back, never a half-applied wave), and runs trees in parallel
+with `prange` where the work per tree is independent.
+
+Arrays are 2-D, (n_trees, capacity), C-contiguous; node ids are per-tree row indices and
+node 0 is each tree's root. Conventions shared with `mcts.tree`:
+
+- visit/value statistics: ``visits[n] == (backups that started at n) + sum(visits[children])``.
+- virtual loss: ``vloss[n]`` counts in-flight picks whose root-to-leaf path contains n; each
+  counts as one extra visit of value ``vl_value`` while scoring. ``pending[leaf] = 1`` marks
+  the picked leaf itself, so a backup knows where that pick's virtual loss starts.
+- a leaf is *selectable* when it has no children and is not already in flight
+  (``vloss == 0``); a terminal leaf is selectable (the search re-backs its terminal value).
+- unvisited children (visits + vloss == 0): with ``fpu_mode == FPU_PARENT`` their Q is the
+  parent's Q (with its virtual loss; 0.0 if the parent is unvisited too), with
+  ``FPU_CONST`` it is ``fpu_value``. Under UCT unvisited children score +inf (tried first).
+- ties go to the lowest child index (strict ``>`` while scanning children in order).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+RULE_PUCT = 0
+RULE_UCT = 1
+FPU_PARENT = 0
+FPU_CONST = 1
+BY_VISITS = 0
+BY_VALUE = 1
+BY_REWARD = 2
+
+# Error codes returned by the validating kernels (the Python side turns them into messages).
+OK = 0
+ERR_TREE = 1  # tree id out of range
+ERR_NODE = 2  # node id out of range for its tree
+ERR_COUNT = 3  # children count <= 0
+ERR_EXPANDED = 4  # node already has children (or appears twice in one call)
+ERR_TERMINAL = 5  # node is terminal
+ERR_PRIOR = 6  # prior NaN/inf/negative
+ERR_REWARD = 7  # reward +-inf
+ERR_VALUE = 8  # backup value NaN/inf
+ERR_GROW = 9  # capacity too small: info = largest size needed by one tree
+ERR_FULL = 10  # hard cap (max_nodes) exceeded and on_full == "raise": info = tree id
+
+
+@njit(cache=True, inline="always")
+def _blocked(b, c, n_children, vloss, epoch, cur):
+    """A child is unavailable when picked (or dead-ended) this wave or an in-flight leaf."""
+    if epoch[b, c] == cur:
+        return True
+    return vloss[b, c] > 0 and n_children[b, c] == 0
+
+
+@njit(cache=True)
+def _best_child(
+    b,
+    p,
+    first_child,
+    n_children,
+    visits,
+    value_sum,
+    prior,
+    vloss,
+    epoch,
+    cur,
+    rule,
+    c_puct,
+    c_base,
+    c_init,
+    vl_value,
+    fpu_mode,
+    fpu_value,
+):
+    """Highest-scoring available child of p, or -1 when every child is blocked."""
+    n_p = visits[b, p] + vloss[b, p]
+    np_f = float(n_p)
+    fc = first_child[b, p]
+    k = n_children[b, p]
+    if fpu_mode == FPU_PARENT:
+        if n_p > 0:
+            fpu_q = (value_sum[b, p] + vl_value * vloss[b, p]) / np_f
+        else:
+            fpu_q = 0.0
+    else:
+        fpu_q = fpu_value
+    best = -1
+    best_score = -np.inf
+    if rule == RULE_PUCT:
+        c_s = (math.log((1.0 + np_f + c_base) / c_base) + c_init) * c_puct
+        explore = c_s * math.sqrt(np_f)
+        for j in range(k):
+            c = fc + j
+            if _blocked(b, c, n_children, vloss, epoch, cur):
+                continue
+            vl = vloss[b, c]
+            n_c = visits[b, c] + vl
+            if n_c > 0:
+                q = (value_sum[b, c] + vl_value * vl) / float(n_c)
+            else:
+                q = fpu_q
+            score = q + explore * prior[b, c] / (1.0 + n_c)
+            if best < 0 or score > best_score:
+                best = c
+                best_score = score
+    else:
+        log_np = math.log(np_f) if n_p > 0 else 0.0
+        for j in range(k):
+            c = fc + j
+            if _blocked(b, c, n_children, vloss, epoch, cur):
+                continue
+            vl = vloss[b, c]
+            n_c = visits[b, c] + vl
+            if n_c > 0:
+                score = (value_sum[b, c] + vl_value * vl) / float(n_c) + c_puct * math.sqrt(
+                    log_np / float(n_c)
+                )
+            else:
+                score = np.inf
+            if best < 0 or score > best_score:
+                best = c
+                best_score = score
+    return best
+
+
+@njit(cache=True)
+def _select_tree(
+    b,
+    want,
+    out,
+    base,
+    parent,
+    first_child,
+    n_children,
+    visits,
+    value_sum,
+    prior,
+    vloss,
+    pending,
+    epoch,
+    cur,
+    rule,
+    c_puct,
+    c_base,
+    c_init,
+    vl_value,
+    fpu_mode,
+    fpu_value,
+):
+    """Pick up to `want` distinct selectable leaves of tree b; returns how many."""
+    picked = 0
+    while picked < want:
+        if epoch[b, 0] == cur:
+            break
+        node = 0
+        while True:
+            if n_children[b, node] == 0:
+                if vloss[b, node] > 0:  # the root itself is an in-flight leaf
+                    epoch[b, node] = cur
+                    node = -1
+                break
+            c = _best_child(
+                b,
+                node,
+                first_child,
+                n_children,
+                visits,
+                value_sum,
+                prior,
+                vloss,
+                epoch,
+                cur,
+                rule,
+                c_puct,
+                c_base,
+                c_init,
+                vl_value,
+                fpu_mode,
+                fpu_value,
+            )
+            if c < 0:
+                # Dead end: every leaf below is taken. Block it and re-choose one level up
+                # (the same choice a restart from the root would make).
+                epoch[b, node] = cur
+                node = parent[b, node]
+                if node < 0:
+                    break
+                continue
+            node = c
+        if node < 0:
+            break
+        epoch[b, node] = cur
+        pending[b, node] = 1
+        out[base + picked] = node
+        picked += 1
+        n = node
+        while n >= 0:
+            vloss[b, n] += 1
+            n = parent[b, n]
+    return picked
+
+
+@njit(cache=True, parallel=True)
+def select_kernel(
+    parent,
+    first_child,
+    n_children,
+    visits,
+    value_sum,
+    prior,
+    vloss,
+    pending,
+    epoch,
+    cur,
+    want,
+    active,
+    rule,
+    c_puct,
+    c_base,
+    c_init,
+    vl_value,
+    fpu_mode,
+    fpu_value,
+):
+    """Select leaves in every active tree; returns (trees, nodes) ordered by tree then pick."""
+    n_trees = want.shape[0]
+    offsets = np.zeros(n_trees + 1, np.int64)
+    for b in range(n_trees):
+        w = want[b] if active[b] else 0
+        offsets[b + 1] = offsets[b] + max(w, 0)
+    out = np.empty(offsets[n_trees], np.int64)
+    got = np.zeros(n_trees, np.int64)
+    for b in prange(n_trees):
+        w = offsets[b + 1] - offsets[b]
+        if w > 0:
+            got[b] = _select_tree(
+                b,
+                w,
+                out,
+                offsets[b],
+                parent,
+                first_child,
+                n_children,
+                visits,
+                value_sum,
+                prior,
+                vloss,
+                pending,
+                epoch,
+                cur,
+                rule,
+                c_puct,
+                c_base,
+                c_init,
+                vl_value,
+                fpu_mode,
+                fpu_value,
+            )
+    total = 0
+    for b in range(n_trees):
+        total += got[b]
+    trees = np.empty(total, np.int64)
+    nodes = np.empty(total, np.int64)
+    k = 0
+    for b in range(n_trees):
+        o = offsets[b]
+        for j in range(got[b]):
+            trees[k] = b
+            nodes[k] = out[o + j]
+            k += 1
+    return trees, nodes
+
+
+@njit(cache=True, parallel=True)
+def expand_kernel(
+    parent,
+    first_child,
+    n_children,
+    visits,
+    value_sum,
+    prior,
+    reward,
+    terminal,
+    depth,
+    vloss,
+    pending,
+    epoch,
+    size,
+    trees,
+    nodes,
+    counts,
+    priors,
+    rewards,
+    terms,
+    limit,
+    raise_on_full,
+    out_first,
+):
+    """Attach counts[i] children to leaf (trees[i], nodes[i]); children take fresh ids.
+
+    Returns (code, info). Nothing is written unless the code is OK. `limit` is the hard
+    per-tree node cap: while the capacity is below it and a tree needs more room, ERR_GROW
+    asks the caller to grow and call again; past it, leaves that do not fit get
+    out_first = -1, or with raise_on_full ERR_FULL comes back before any write.
+    """
+    n_trees, cap = parent.shape
+    n = trees.shape[0]
+    total = 0
+    for i in range(n):
+        b = trees[i]
+        if b < 0 or b >= n_trees:
+            return ERR_TREE, i
+        nd = nodes[i]
+        if nd < 0 or nd >= size[b]:
+            return ERR_NODE, i
+        if counts[i] <= 0:
+            return ERR_COUNT, i
+        if terminal[b, nd]:
+            return ERR_TERMINAL, i
+        if n_children[b, nd] != 0:
+            return ERR_EXPANDED, i
+        total += counts[i]
+    if priors.shape[0] != total or rewards.shape[0] != total or terms.shape[0] != total:
+        return ERR_COUNT, -1
+    for j in range(total):
+        p = priors[j]
+        if not np.isfinite(p) or p < 0.0:
+            return ERR_PRIOR, j
+        if np.isinf(rewards[j]):
+            return ERR_REWARD, j
+    # Duplicates within the call: mark with -1, then undo.
+    dup = -1
+    for i in range(n):
+        if n_children[trees[i], nodes[i]] == -1:
+            dup = i
+            break
+        n_children[trees[i], nodes[i]] = -1
+    stop = n if dup < 0 else dup
+    for i in range(stop):
+        n_children[trees[i], nodes[i]] = 0
+    if dup >= 0:
+        return ERR_EXPANDED, dup
+    # Room: grow first if any tree needs more than the capacity allows.
+    need = size[:n_trees].astype(np.int64)
+    for i in range(n):
+        need[trees[i]] += counts[i]
+    worst = 0
+    for b in range(n_trees):
+        if need[b] > worst:
+            worst = need[b]
+    if worst > cap and cap < limit:
+        return ERR_GROW, worst
+    if raise_on_full:
+        for b in range(n_trees):
+            if need[b] > limit:
+                return ERR_FULL, b
+    # Allocate ids serially (leaf order decides who fits), then write children in parallel.
+    child_off = np.empty(n + 1, np.int64)
+    child_off[0] = 0
+    for i in range(n):
+        child_off[i + 1] = child_off[i] + counts[i]
+        b = trees[i]
+        if size[b] + counts[i] <= limit:
+            out_first[i] = size[b]
+            size[b] += counts[i]
+        else:
+            out_first[i] = -1
+    for i in prange(n):
+        f = out_first[i]
+        if f < 0:
+            continue
+        b = trees[i]
+        nd = nodes[i]
+        k = counts[i]
+        d = depth[b, nd] + 1
+        o = child_off[i]
+        for j in range(k):
+            c = f + j
+            parent[b, c] = nd
+            first_child[b, c] = -1
+            n_children[b, c] = 0
+            visits[b, c] = 0
+            value_sum[b, c] = 0.0
+            prior[b, c] = priors[o + j]
+            reward[b, c] = rewards[o + j]
+            terminal[b, c] = terms[o + j]
+            depth[b, c] = d
+            vloss[b, c] = 0
+            pending[b, c] = 0
+            epoch[b, c] = 0
+        first_child[b, nd] = f
+        n_children[b, nd] = k
+    return OK, 0
+
+
+@njit(cache=True, parallel=True)
+def backup_kernel(parent, visits, value_sum, vloss, pending, size, trees, nodes, values):
+    """Mean backup: visits += 1 and value_sum += v from each start node up to the root.
+
+    The first pending (picked) node met on the way up loses its pending mark, and the
+    virtual loss of that pick is removed from it and every ancestor. Entries of one tree
+    run in their given order (bit-identical sums with the reference); trees run in parallel.
+    Returns (code, index of the first bad entry).
+    """
+    n_trees = parent.shape[0]
+    n = trees.shape[0]
+    for i in range(n):
+        b = trees[i]
+        if b < 0 or b >= n_trees:
+            return ERR_TREE, i
+        if nodes[i] < 0 or nodes[i] >= size[b]:
+            return ERR_NODE, i
+        if not np.isfinite(values[i]):
+            return ERR_VALUE, i
+    # Stable counting sort by tree.
+    start = np.zeros(n_trees + 1, np.int64)
+    for i in range(n):
+        start[trees[i] + 1] += 1
+    for b in range(n_trees):
+        start[b + 1] += start[b]
+    fill = start[:n_trees].copy()
+    order = np.empty(n, np.int64)
+    for i in range(n):
+        b = trees[i]
+        order[fill[b]] = i
+        fill[b] += 1
+    for b in prange(n_trees):
+        for o in range(start[b], start[b + 1]):
+            i = order[o]
+            v = values[i]
+            node = nodes[i]
+            clearing = False
+            while node >= 0:
+                visits[b, node] += 1
+                value_sum[b, node] += v
+                if not clearing and pending[b, node] != 0:
+                    pending[b, node] = 0
+                    clearing = True
+                if clearing:
+                    vloss[b, node] -= 1
+                node = parent[b, node]
+    return OK, 0
+
+
+@njit(cache=True, parallel=True)
+def best_leaf_kernel(first_child, n_children, visits, value_sum, reward, by, out):
+    """Per tree, descend from the root to a leaf taking the child with the largest key.
+
+    Keys: visits, mean value (value_sum / visits; unvisited = -inf) or reward (NaN = -inf).
+    Ties (and all -inf) go to the lowest child index, so the path always reaches a leaf.
+    """
+    for b in prange(out.shape[0]):
+        node = 0
+        while n_children[b, node] > 0:
+            fc = first_child[b, node]
+            best = fc
+            best_key = -np.inf
+            for j in range(n_children[b, node]):
+                c = fc + j
+                if by == BY_VISITS:
+                    key = float(visits[b, c])
+                elif by == BY_VALUE:
+                    key = value_sum[b, c] / visits[b, c] if visits[b, c] > 0 else -np.inf
+                else:
+                    key = reward[b, c]
+                    if np.isnan(key):
+                        key = -np.inf
+                if key > best_key:
+                    best = c
+                    best_key = key
+            node = best
+        out[b] = node
+
+
+@njit(cache=True)
+def paths_kernel(parent, depth, b, leaves):
+    """Root-to-leaf paths of tree b for each leaf, flattened; returns (flat, offsets)."""
+    n = leaves.shape[0]
+    offsets = np.empty(n + 1, np.int64)
+    offsets[0] = 0
+    for i in range(n):
+        offsets[i + 1] = offsets[i] + depth[b, leaves[i]] + 1
+    flat = np.empty(offsets[n], np.int64)
+    for i in range(n):
+        node = leaves[i]
+        k = offsets[i + 1] - 1
+        while node >= 0:
+            flat[k] = node
+            k -= 1
+            node = parent[b, node]
+    return flat, offsets

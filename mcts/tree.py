@@ -1,0 +1,615 @@
+"""The Forest: B independent search trees as a struct of numpy arrays, driven by numba kernels.
+
+Why a struct of arrays: the statistics PUCT reads while descending (visits, value sums,
+priors, virtual loss) of one node's children sit in one contiguous block per array, so a
+descent touches a few cache lines per level, and a whole wave over all trees is one numba
+call. Text never enters here: `NodeStore` keeps it on the Python side, keyed by (tree, node).
+
+Node ids are per-tree indices; node 0 is each tree's root. Children of a node are the
+contiguous block ``first_child .. first_child + n_children - 1`` (variable branching).
+Growth reallocates all arrays (capacity doubles) but node ids never change, so indices a
+caller holds stay valid; array views taken before a growth are stale: re-read the
+properties after `expand`.
+
+Backup rule (mean backup): ``visits[n] == (number of backup entries that started at n)
++ sum(visits of n's children)`` and ``value_sum`` likewise sums the backed-up values.
+Values may be any finite float (rewards are in [0, 1] by convention); NaN/inf are errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from mcts import kernels as K
+
+if TYPE_CHECKING:
+    import networkx
+
+_INT_MAX = np.iinfo(np.int32).max
+_FIELDS = (
+    ("parent", np.int32),
+    ("first_child", np.int32),
+    ("n_children", np.int32),
+    ("visits", np.int32),
+    ("value_sum", np.float64),
+    ("prior", np.float64),
+    ("reward", np.float64),
+    ("terminal", np.bool_),
+    ("depth", np.int32),
+    ("vloss", np.int32),
+    ("_pending", np.uint8),
+    ("_epoch", np.int32),
+)
+_BY = {"visits": K.BY_VISITS, "value": K.BY_VALUE, "reward": K.BY_REWARD}
+
+
+class ForestFullError(RuntimeError):
+    """A tree would exceed `max_nodes` and the forest was built with on_full="raise"."""
+
+
+@dataclass
+class NodeInfo:
+    """What the Python side knows about a node: its step text, token ids and free extras."""
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class NodeStore:
+    """Dict-backed side store of node text/tokens keyed by (tree, node).
+
+    Why separate: strings and token lists cannot live in numba arrays, and most nodes'
+    text is only needed when building prompts and exports.
+    """
+
+    def __init__(self) -> None:
+        self._d: dict[tuple[int, int], NodeInfo] = {}
+
+    def set(
+        self, tree: int, node: int, text: str, token_ids: Sequence[int] = (), **extra: Any
+    ) -> None:
+        if not isinstance(text, str):
+            raise TypeError(f"NodeStore.set: text must be str, got {type(text).__name__}")
+        self._d[(int(tree), int(node))] = NodeInfo(text, tuple(int(t) for t in token_ids), extra)
+
+    def get(self, tree: int, node: int) -> NodeInfo | None:
+        return self._d.get((int(tree), int(node)))
+
+    def text(self, tree: int, node: int, default: str | None = None) -> str | None:
+        info = self._d.get((int(tree), int(node)))
+        return default if info is None else info.text
+
+    def clear(self, tree: int | None = None) -> None:
+        """Forget everything, or only one tree's nodes (when that tree is reset)."""
+        if tree is None:
+            self._d.clear()
+        else:
+            t = int(tree)
+            for key in [k for k in self._d if k[0] == t]:
+                del self._d[key]
+
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        return (int(key[0]), int(key[1])) in self._d
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self._d)
+
+
+def _as_1d(x: Any, dtype: Any, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim == 0:
+        a = a.reshape(1)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array, got shape {a.shape}")
+    if dtype is np.int64 and a.size and not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name} must hold integers, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+class Forest:
+    """B trees of node statistics; see the module docstring for the rules it keeps."""
+
+    def __init__(
+        self,
+        n_trees: int,
+        capacity: int = 256,
+        max_nodes: int | None = None,
+        on_full: Literal["raise", "stop"] = "raise",
+    ) -> None:
+        if int(n_trees) < 1:
+            raise ValueError(f"n_trees must be >= 1, got {n_trees}")
+        if int(capacity) < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if max_nodes is not None and not 1 <= int(max_nodes) <= _INT_MAX:
+            raise ValueError(f"max_nodes must be in [1, {_INT_MAX}] or None, got {max_nodes}")
+        if on_full not in ("raise", "stop"):
+            raise ValueError(f'on_full must be "raise" or "stop", got {on_full!r}')
+        self.max_nodes = None if max_nodes is None else int(max_nodes)
+        self.on_full = on_full
+        self._limit = _INT_MAX if max_nodes is None else int(max_nodes)
+        self._cap = min(int(capacity), self._limit)
+        self._rows = 0
+        self._epoch = 0
+        self._want_cache: dict[int, np.ndarray] = {}
+        self.reset(int(n_trees))
+
+    # ------------------------------------------------------------------ storage
+    def _allocate(self, rows: int, cap: int) -> None:
+        for name, dt in _FIELDS:
+            setattr(self, "_a" + name, np.empty((rows, cap), dtype=dt))
+        self._rows = rows
+        self._cap = cap
+
+    def _bind(self) -> None:
+        """Cache per-field row views [:n_trees] (C-contiguous) for kernel calls."""
+        b = self.n_trees
+        self._v = {name: getattr(self, "_a" + name)[:b] for name, _ in _FIELDS}
+        self._size = self._asize[:b]
+        self._ones = np.ones(b, dtype=np.bool_)
+        self._want_cache = {}
+
+    def _grow(self, needed: int) -> None:
+        new_cap = min(max(int(needed), 2 * self._cap), self._limit)
+        used = int(self._asize[: self.n_trees].max())
+        for name, dt in _FIELDS:
+            old = getattr(self, "_a" + name)
+            new = np.empty((self._rows, new_cap), dtype=dt)
+            new[:, :used] = old[:, :used]
+            setattr(self, "_a" + name, new)
+        self._cap = new_cap
+        self._bind()
+
+    def reset(self, n_trees: int | None = None) -> None:
+        """Keep the allocation, drop every node but the roots (and optionally resize B)."""
+        n = self.n_trees if n_trees is None else int(n_trees)
+        if n < 1:
+            raise ValueError(f"n_trees must be >= 1, got {n_trees}")
+        if n > self._rows:
+            self._allocate(n, self._cap)
+            self._asize = np.empty(n, dtype=np.int32)
+        self.n_trees = n
+        v = {name: getattr(self, "_a" + name) for name, _ in _FIELDS}
+        v["parent"][:n, 0] = -1
+        v["first_child"][:n, 0] = -1
+        v["n_children"][:n, 0] = 0
+        v["visits"][:n, 0] = 0
+        v["value_sum"][:n, 0] = 0.0
+        v["prior"][:n, 0] = 1.0
+        v["reward"][:n, 0] = np.nan
+        v["terminal"][:n, 0] = False
+        v["depth"][:n, 0] = 0
+        v["vloss"][:n, 0] = 0
+        v["_pending"][:n, 0] = 0
+        v["_epoch"][:n, 0] = 0
+        self._asize[:n] = 1
+        self._epoch = 0
+        self._bind()
+
+    @property
+    def capacity(self) -> int:
+        return self._cap
+
+    def _ro(self, name: str) -> np.ndarray:
+        a = self._v[name].view()
+        a.flags.writeable = False
+        return a
+
+    size = property(lambda self: self._ro_size(), doc="(B,) nodes used per tree")
+
+    def _ro_size(self) -> np.ndarray:
+        a = self._size.view()
+        a.flags.writeable = False
+        return a
+
+    parent = property(lambda self: self._ro("parent"))
+    first_child = property(lambda self: self._ro("first_child"))
+    n_children = property(lambda self: self._ro("n_children"))
+    visits = property(lambda self: self._ro("visits"))
+    value_sum = property(lambda self: self._ro("value_sum"))
+    prior = property(lambda self: self._ro("prior"))
+    reward = property(lambda self: self._ro("reward"), doc="last reward score, NaN = unscored")
+    terminal = property(lambda self: self._ro("terminal"))
+    depth = property(lambda self: self._ro("depth"))
+    vloss = property(lambda self: self._ro("vloss"))
+
+    # ------------------------------------------------------------------ checks
+    def _check_tree(self, tree: int) -> int:
+        t = int(tree)
+        if not 0 <= t < self.n_trees:
+            raise ValueError(f"tree id {tree} out of range [0, {self.n_trees})")
+        return t
+
+    def _check_node(self, tree: int, node: int) -> tuple[int, int]:
+        t = self._check_tree(tree)
+        n = int(node)
+        if not 0 <= n < self._size[t]:
+            raise ValueError(f"node id {node} out of range [0, {self._size[t]}) for tree {t}")
+        return t, n
+
+    def _check_pairs(self, trees: Any, nodes: Any) -> tuple[np.ndarray, np.ndarray]:
+        tr = _as_1d(trees, np.int64, "trees")
+        nd = _as_1d(nodes, np.int64, "nodes")
+        if tr.shape != nd.shape:
+            raise ValueError(f"trees and nodes must have equal length, got {tr.size} and {nd.size}")
+        if tr.size:
+            bad = (tr < 0) | (tr >= self.n_trees)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise ValueError(f"trees[{i}] = {tr[i]} out of range [0, {self.n_trees})")
+            bad = (nd < 0) | (nd >= self._size[tr])
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise ValueError(
+                    f"nodes[{i}] = {nd[i]} out of range [0, {self._size[tr[i]]}) for tree {tr[i]}"
+                )
+        return tr, nd
+
+    # ------------------------------------------------------------------ kernels
+    def select(
+        self,
+        leaves_per_tree: int | np.ndarray = 1,
+        *,
+        rule: str = "puct",
+        c_puct: float = 1.0,
+        c_base: float = 19652.0,
+        c_init: float = 1.25,
+        vl_value: float = 0.0,
+        fpu: str | float = "parent",
+        active: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Pick distinct selectable leaves per tree, applying virtual loss along their paths.
+
+        Returns (trees, nodes) int64 arrays ordered by tree. A tree yields fewer leaves than
+        asked when it has no more distinct selectable leaves (no children and not already
+        in flight); trees with active[b] False are skipped. A terminal leaf may be returned.
+        """
+        b = self.n_trees
+        if isinstance(leaves_per_tree, int | np.integer):
+            w = int(leaves_per_tree)
+            if w < 0:
+                raise ValueError(f"leaves_per_tree must be >= 0, got {w}")
+            want = self._want_cache.get(w)
+            if want is None:
+                want = self._want_cache[w] = np.full(b, w, dtype=np.int64)
+        else:
+            want = _as_1d(leaves_per_tree, np.int64, "leaves_per_tree")
+            if want.shape != (b,):
+                raise ValueError(f"leaves_per_tree must have shape ({b},), got {want.shape}")
+            if (want < 0).any():
+                raise ValueError("leaves_per_tree must be >= 0 everywhere")
+        if active is None:
+            act = self._ones
+        else:
+            act = np.asarray(active)
+            if act.shape != (b,) or act.dtype != np.bool_:
+                raise ValueError(f"active must be a bool array of shape ({b},)")
+            act = np.ascontiguousarray(act)
+        if rule == "puct":
+            r = K.RULE_PUCT
+        elif rule == "uct":
+            r = K.RULE_UCT
+        else:
+            raise ValueError(f'rule must be "puct" or "uct", got {rule!r}')
+        if isinstance(fpu, str):
+            if fpu != "parent":
+                raise ValueError(f'fpu must be "parent" or a float, got {fpu!r}')
+            fmode, fval = K.FPU_PARENT, 0.0
+        else:
+            fmode, fval = K.FPU_CONST, float(fpu)
+        for name, x in (("c_puct", c_puct), ("c_init", c_init), ("vl_value", vl_value)):
+            if not np.isfinite(x):
+                raise ValueError(f"{name} must be finite, got {x}")
+        if not np.isfinite(fval):
+            raise ValueError(f"fpu must be finite, got {fpu}")
+        if not (np.isfinite(c_base) and c_base > 0):
+            raise ValueError(f"c_base must be a positive finite float, got {c_base}")
+        if c_puct < 0 or c_init < 0:
+            raise ValueError("c_puct and c_init must be >= 0")
+        self._epoch += 1
+        if self._epoch >= _INT_MAX:
+            self._v["_epoch"][:, :] = 0
+            self._epoch = 1
+        v = self._v
+        return K.select_kernel(
+            v["parent"],
+            v["first_child"],
+            v["n_children"],
+            v["visits"],
+            v["value_sum"],
+            v["prior"],
+            v["vloss"],
+            v["_pending"],
+            v["_epoch"],
+            self._epoch,
+            want,
+            act,
+            r,
+            float(c_puct),
+            float(c_base),
+            float(c_init),
+            float(vl_value),
+            fmode,
+            fval,
+        )
+
+    def expand(
+        self,
+        trees: np.ndarray,
+        nodes: np.ndarray,
+        counts: np.ndarray,
+        priors: np.ndarray,
+        rewards: np.ndarray | None = None,
+        terminal: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Attach counts[i] children to each leaf; returns the first child id per leaf.
+
+        priors/rewards/terminal are flat (len == counts.sum()) in leaf order. Priors must be
+        finite and >= 0 (used as given: normalise them yourself); rewards may be NaN
+        (unscored) but not inf. A leaf with no children to add must go to `mark_terminal`.
+        With on_full="stop" leaves that do not fit get -1 and stay leaves.
+        """
+        tr = _as_1d(trees, np.int64, "trees")
+        nd = _as_1d(nodes, np.int64, "nodes")
+        ct = _as_1d(counts, np.int64, "counts")
+        if not tr.shape == nd.shape == ct.shape:
+            raise ValueError(
+                f"trees, nodes, counts must have equal length, got {tr.size}, {nd.size}, {ct.size}"
+            )
+        total = int(ct.sum()) if ct.size else 0
+        pr = _as_1d(priors, np.float64, "priors")
+        rw = np.full(total, np.nan) if rewards is None else _as_1d(rewards, np.float64, "rewards")
+        te = (
+            np.zeros(total, dtype=np.bool_)
+            if terminal is None
+            else _as_1d(terminal, np.bool_, "terminal")
+        )
+        for name, a in (("priors", pr), ("rewards", rw), ("terminal", te)):
+            if a.size != total:
+                raise ValueError(f"{name} must have counts.sum() = {total} entries, got {a.size}")
+        out = np.empty(tr.size, dtype=np.int64)
+        while True:
+            v = self._v
+            code, info = K.expand_kernel(
+                v["parent"],
+                v["first_child"],
+                v["n_children"],
+                v["visits"],
+                v["value_sum"],
+                v["prior"],
+                v["reward"],
+                v["terminal"],
+                v["depth"],
+                v["vloss"],
+                v["_pending"],
+                v["_epoch"],
+                self._size,
+                tr,
+                nd,
+                ct,
+                pr,
+                rw,
+                te,
+                self._limit,
+                self.on_full == "raise",
+                out,
+            )
+            if code != K.ERR_GROW:
+                break
+            self._grow(info)
+        if code == K.OK:
+            return out
+        i = int(info)
+        if code == K.ERR_TREE:
+            raise ValueError(f"trees[{i}] = {tr[i]} out of range [0, {self.n_trees})")
+        if code == K.ERR_NODE:
+            raise ValueError(
+                f"nodes[{i}] = {nd[i]} out of range [0, {self._size[tr[i]]}) for tree {tr[i]}"
+            )
+        if code == K.ERR_COUNT:
+            raise ValueError(
+                f"counts[{i}] = {ct[i]}: a leaf needs >= 1 child; "
+                "call mark_terminal(trees, nodes, reward) for a leaf with nothing to add"
+            )
+        if code == K.ERR_TERMINAL:
+            raise ValueError(f"node {nd[i]} of tree {tr[i]} is terminal and cannot be expanded")
+        if code == K.ERR_EXPANDED:
+            raise ValueError(
+                f"node {nd[i]} of tree {tr[i]} already has children or appears twice "
+                "(expand each leaf once)"
+            )
+        if code == K.ERR_PRIOR:
+            raise ValueError(f"priors[{i}] = {pr[i]}: priors must be finite and >= 0")
+        if code == K.ERR_REWARD:
+            raise ValueError(f"rewards[{i}] = {rw[i]}: rewards must be finite (NaN = unscored)")
+        if code == K.ERR_FULL:
+            raise ForestFullError(
+                f"tree {i} would exceed max_nodes={self.max_nodes}; "
+                'raise max_nodes or build the Forest with on_full="stop"'
+            )
+        raise RuntimeError(f"expand_kernel returned unknown code {code}")  # pragma: no cover
+
+    def backup(
+        self, trees: np.ndarray, nodes: np.ndarray, values: np.ndarray, rule: str = "mean"
+    ) -> None:
+        """Add one visit and its value to each start node and all its ancestors.
+
+        Also clears the virtual loss of the pick each path goes through (once per pick).
+        Entries may share trees and overlap; within a tree they apply in the given order.
+        `rule` is "mean" (value_sum / visits); other backups (max) would slot in here.
+        """
+        if rule != "mean":
+            raise ValueError(f'rule must be "mean" (the only backup implemented), got {rule!r}')
+        tr = _as_1d(trees, np.int64, "trees")
+        nd = _as_1d(nodes, np.int64, "nodes")
+        va = _as_1d(values, np.float64, "values")
+        if not tr.shape == nd.shape == va.shape:
+            raise ValueError(
+                f"trees, nodes, values must have equal length, got {tr.size}, {nd.size}, {va.size}"
+            )
+        v = self._v
+        code, info = K.backup_kernel(
+            v["parent"],
+            v["visits"],
+            v["value_sum"],
+            v["vloss"],
+            v["_pending"],
+            self._size,
+            tr,
+            nd,
+            va,
+        )
+        if code == K.OK:
+            return
+        i = int(info)
+        if code == K.ERR_TREE:
+            raise ValueError(f"trees[{i}] = {tr[i]} out of range [0, {self.n_trees})")
+        if code == K.ERR_NODE:
+            raise ValueError(
+                f"nodes[{i}] = {nd[i]} out of range [0, {self._size[tr[i]]}) for tree {tr[i]}"
+            )
+        raise ValueError(f"values[{i}] = {va[i]}: backup values must be finite")
+
+    def clear_virtual_loss(self) -> None:
+        """Drop all virtual loss (for leaves selected and then abandoned)."""
+        m = int(self._size.max())
+        self._v["vloss"][:, :m] = 0
+        self._v["_pending"][:, :m] = 0
+
+    def mark_terminal(self, trees: Any, nodes: Any, reward: Any = None) -> None:
+        """Mark leaves terminal (e.g. the LLM produced no next step), optionally with reward."""
+        tr, nd = self._check_pairs(trees, nodes)
+        if (self._v["n_children"][tr, nd] != 0).any():
+            i = int(np.argmax(self._v["n_children"][tr, nd] != 0))
+            raise ValueError(
+                f"node {nd[i]} of tree {tr[i]} has children: only leaves can be terminal"
+            )
+        if reward is not None:
+            rw = np.broadcast_to(np.asarray(reward, dtype=np.float64), tr.shape)
+            if not np.isfinite(rw).all():
+                raise ValueError("mark_terminal: reward must be finite")
+            self._v["reward"][tr, nd] = rw
+        self._v["terminal"][tr, nd] = True
+
+    # ------------------------------------------------------------------ reading
+    def q(self, tree: int, nodes: Any) -> np.ndarray:
+        """Mean value value_sum / visits per node; NaN where unvisited."""
+        t = self._check_tree(tree)
+        _, nd = self._check_pairs(np.full(np.size(nodes), t), np.ravel(nodes))
+        n = self._v["visits"][t, nd]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n > 0, self._v["value_sum"][t, nd] / np.maximum(n, 1), np.nan)
+
+    def children(self, tree: int, node: int) -> np.ndarray:
+        t, n = self._check_node(tree, node)
+        f = int(self._v["first_child"][t, n])
+        return np.arange(f, f + int(self._v["n_children"][t, n]), dtype=np.int64)
+
+    def path_to_root(self, tree: int, node: int) -> np.ndarray:
+        """Node ids root..node."""
+        t, n = self._check_node(tree, node)
+        flat, _ = K.paths_kernel(self._v["parent"], self._v["depth"], t, np.array([n], np.int64))
+        return flat
+
+    def best_leaves(self, by: str = "visits") -> np.ndarray:
+        """(B,) leaf at the end of each tree's best path (see `best_path`)."""
+        if by not in _BY:
+            raise ValueError(f'by must be one of "visits", "value", "reward"; got {by!r}')
+        out = np.empty(self.n_trees, dtype=np.int64)
+        v = self._v
+        K.best_leaf_kernel(
+            v["first_child"],
+            v["n_children"],
+            v["visits"],
+            v["value_sum"],
+            v["reward"],
+            _BY[by],
+            out,
+        )
+        return out
+
+    def best_path(self, tree: int, by: str = "visits") -> np.ndarray:
+        """Root-to-leaf path taking the child with max visits / mean value / reward.
+
+        Unvisited (value) and unscored (reward) children rank lowest; ties go to the lowest
+        child index, so the path always ends at a leaf.
+        """
+        t = self._check_tree(tree)
+        return self.path_to_root(t, int(self.best_leaves(by)[t]))
+
+    def leaf_paths(self, tree: int, terminal_only: bool = False) -> list[np.ndarray]:
+        """Every root-to-leaf path of one tree (in leaf id order), for exports."""
+        t = self._check_tree(tree)
+        s = int(self._size[t])
+        mask = self._v["n_children"][t, :s] == 0
+        if terminal_only:
+            mask &= self._v["terminal"][t, :s]
+        leaves = np.flatnonzero(mask).astype(np.int64)
+        flat, off = K.paths_kernel(self._v["parent"], self._v["depth"], t, leaves)
+        return [flat[off[i] : off[i + 1]] for i in range(leaves.size)]
+
+    def add_dirichlet_noise(
+        self, trees: Any, alpha: float, eps: float, rng: np.random.Generator
+    ) -> None:
+        """Mix Dir(alpha) noise into the roots' children priors: (1-eps)*P + eps*noise."""
+        if not (np.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        if not 0.0 <= eps <= 1.0:
+            raise ValueError(f"eps must be in [0, 1], got {eps}")
+        tr = _as_1d(trees, np.int64, "trees")
+        for t in tr:
+            t = self._check_tree(t)
+            kids = self.children(t, 0)
+            if kids.size == 0:
+                raise ValueError(f"tree {t}: expand the root before adding Dirichlet noise")
+            noise = rng.dirichlet(np.full(kids.size, float(alpha)))
+            p = self._v["prior"]
+            p[t, kids] = (1.0 - eps) * p[t, kids] + eps * noise
+
+    def to_networkx(self, tree: int, store: NodeStore | None = None) -> networkx.DiGraph:
+        """One tree as a DiGraph (edges parent -> child), every statistic a node attribute."""
+        import networkx as nx
+
+        t = self._check_tree(tree)
+        s = int(self._size[t])
+        v = self._v
+        cols = {
+            name: v[name][t, :s].tolist()
+            for name in (
+                "parent",
+                "depth",
+                "visits",
+                "value_sum",
+                "prior",
+                "reward",
+                "terminal",
+                "n_children",
+                "vloss",
+            )
+        }
+        qs = self.q(t, np.arange(s)).tolist()
+        nodes = []
+        for i in range(s):
+            attrs = {name: col[i] for name, col in cols.items()}
+            attrs["q"] = qs[i]
+            info = store.get(t, i) if store is not None else None
+            if info is not None:
+                attrs["text"] = info.text
+                attrs["token_ids"] = info.token_ids
+                attrs["n_tokens"] = len(info.token_ids)
+                attrs.update(info.extra)
+            elif i == 0:
+                attrs["text"] = ""
+            nodes.append((i, attrs))
+        g = nx.DiGraph(tree=t)
+        g.add_nodes_from(nodes)
+        par = cols["parent"]
+        g.add_edges_from((par[i], i) for i in range(1, s))
+        return g
