@@ -1,0 +1,117 @@
+"""results.jsonl: one JSON line per finished problem, appended, flushed and fsync'd.
+
+The log is the run's ledger: `done_ids()` is what a rerun skips. A crash can only tear the
+LAST line (lines are written whole, in order); that line is ignored and truncated away
+before the next append, so the problem is simply redone. Any other bad line is corruption
+and raises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+from mcts.export.io import dumps_line
+
+
+def _key(row: dict[str, Any]) -> tuple[str, str]:
+    return (str(row["id"]), str(row.get("algorithm") or ""))
+
+
+class ResultsLog:
+    """Append-only, crash-tolerant JSONL of result rows, keyed by (problem id, algorithm)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._rows: list[dict[str, Any]] = []
+        self._keys: set[tuple[str, str]] = set()
+        self._good_end = 0  # byte offset just past the last intact line
+        self.torn = False  # a torn last line was found (and will be truncated on append)
+        self._lock = threading.Lock()
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        pos, lineno = 0, 0
+        while pos < len(data):
+            nl = data.find(b"\n", pos)
+            lineno += 1
+            if nl < 0:  # unterminated tail: an interrupted append
+                self.torn = True
+                break
+            line = data[pos:nl]
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    if not isinstance(row, dict) or "id" not in row:
+                        raise ValueError("not a result record")
+                except ValueError as e:
+                    if data[nl + 1 :].strip():
+                        raise ValueError(
+                            f"{self.path}:{lineno}: corrupt results line ({e}); only a torn "
+                            "last line is repaired automatically: fix or remove this line"
+                        ) from e
+                    self.torn = True
+                    break
+                k = _key(row)
+                if k in self._keys:
+                    warnings.warn(
+                        f"{self.path}:{lineno}: duplicate result for {k}; keeping the first",
+                        stacklevel=3,
+                    )
+                else:
+                    self._keys.add(k)
+                    self._rows.append(row)
+            pos = nl + 1
+            self._good_end = pos
+
+    def done_ids(self, algorithm: str | None = None) -> set[str]:
+        """Ids of finished problems (of one algorithm when given)."""
+        return {i for i, a in self._keys if algorithm is None or a == algorithm}
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The intact records, in file order."""
+        return [dict(r) for r in self._rows]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Write one record durably (flush + fsync) before returning."""
+        if not isinstance(row, dict) or "id" not in row:
+            raise ValueError(
+                "a results row must be a dict with an 'id' field (ProblemResult.row())"
+            )
+        k = _key(row)
+        line = (dumps_line(row) + "\n").encode("utf-8")
+        with self._lock:
+            if k in self._keys:
+                raise ValueError(
+                    f"problem {k[0]!r} (algorithm {k[1]!r}) is already in {self.path}; "
+                    "skip the ids in done_ids() when resuming"
+                )
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists() and self.path.stat().st_size > self._good_end:
+                os.truncate(self.path, self._good_end)  # drop a torn tail before appending
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                view = memoryview(line)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._good_end += len(line)
+            self.torn = False
+            self._keys.add(k)
+            self._rows.append(json.loads(line))

@@ -1,0 +1,117 @@
+"""Searched trees on disk (networkx node-link JSON) and the walks the exporters share.
+
+One file per finished problem, trees/<algorithm>/<id>.json, written atomically as the
+problem finishes: on resume every export can be rebuilt for problems finished in earlier
+runs. JSON is strict: NaN is stored as null and restored to NaN for the float attributes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+
+from mcts.export.io import atomic_write_text, jsonable, safe_filename
+
+FLOAT_ATTRS = ("q", "reward", "prior", "value_target")
+TREES_DIR = "trees"
+
+
+def tree_path(run_dir: str | os.PathLike[str], problem_id: str, algorithm: str = "") -> Path:
+    """Where the tree of (problem, algorithm) lives under a run directory."""
+    return (
+        Path(run_dir)
+        / TREES_DIR
+        / safe_filename(algorithm or "default")
+        / f"{safe_filename(problem_id)}.json"
+    )
+
+
+def tree_to_json(graph: nx.DiGraph, **graph_attrs: Any) -> str:
+    """Node-link JSON of `graph`; `graph_attrs` fill graph attributes the graph lacks."""
+    data = nx.node_link_data(graph, edges="edges")
+    for k, v in graph_attrs.items():
+        data["graph"].setdefault(k, v)
+    return json.dumps(jsonable(data, "tree"), ensure_ascii=False, allow_nan=False)
+
+
+def save_tree(graph: nx.DiGraph, path: str | os.PathLike[str], **graph_attrs: Any) -> Path:
+    """Write the tree atomically (a crash leaves the old file or the new one)."""
+    return atomic_write_text(path, tree_to_json(graph, **graph_attrs))
+
+
+def tree_from_json(text: str) -> nx.DiGraph:
+    data = json.loads(text)
+    g = nx.node_link_graph(data, directed=True, multigraph=False, edges="edges")
+    for _, attrs in g.nodes(data=True):
+        for k in FLOAT_ATTRS:
+            if k in attrs and attrs[k] is None:
+                attrs[k] = math.nan
+    return g
+
+
+def load_tree(path: str | os.PathLike[str]) -> nx.DiGraph:
+    """Read a tree written by save_tree (NaN restored in q / reward / prior / value_target)."""
+    with open(path, encoding="utf-8") as f:
+        return tree_from_json(f.read())
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def node_value(attrs: dict[str, Any]) -> float:
+    """The value a node is judged by: value_target when set, else q, else NaN."""
+    vt = attrs.get("value_target")
+    if _finite(vt):
+        return float(vt)
+    q = attrs.get("q")
+    return float(q) if _finite(q) else math.nan
+
+
+def find_root(graph: nx.DiGraph) -> Any:
+    roots = [n for n, d in graph.in_degree() if d == 0]
+    name = graph.graph.get("problem_id", "?")
+    if len(roots) != 1:
+        raise ValueError(f"tree of problem {name!r} must have exactly one root, found {len(roots)}")
+    bad = [n for n, d in graph.in_degree() if d > 1]
+    if bad:
+        raise ValueError(f"tree of problem {name!r} is not a tree: node {bad[0]!r} has 2+ parents")
+    return roots[0]
+
+
+def children(graph: nx.DiGraph, node: Any) -> list[Any]:
+    """Children in a stable order (by node id), so exports are deterministic."""
+    return sorted(graph.successors(node))
+
+
+@dataclass(frozen=True)
+class TreePath:
+    """One root-to-node walk: node ids without the root, and their step texts."""
+
+    nodes: tuple[Any, ...]
+    steps: tuple[str, ...]
+
+
+def path_to(graph: nx.DiGraph, node: Any, root: Any) -> TreePath:
+    """The root-to-`node` path (root excluded)."""
+    nodes = []
+    cur = node
+    while cur != root:
+        nodes.append(cur)
+        preds = list(graph.predecessors(cur))
+        if not preds:
+            raise ValueError(f"node {node!r} is not connected to the root")
+        cur = preds[0]
+    nodes.reverse()
+    return TreePath(tuple(nodes), tuple(str(graph.nodes[n].get("text", "")) for n in nodes))
+
+
+def terminal_nodes(graph: nx.DiGraph) -> list[Any]:
+    """Terminal nodes (finished solutions), in node-id order."""
+    return sorted(n for n, t in graph.nodes(data="terminal") if t)

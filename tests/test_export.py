@@ -1,0 +1,399 @@
+"""Output writers: results log with resume, tree files, Parquet tables and their invariants."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import networkx as nx
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mcts.export import (
+    PAIRS_SCHEMA,
+    STEPWISE_SCHEMA,
+    TRACES_SCHEMA,
+    OutputDirError,
+    ResultsLog,
+    RunOutputs,
+    check_writable,
+    draw_tree,
+    load_tree,
+    make_prompt,
+    save_tree,
+    step_pairs,
+    trajectory_pairs,
+    tree_path,
+    write_exports,
+)
+from mcts.export.trees import node_value
+from mcts.results import ProblemResult
+from mcts.types import Problem, Usage
+
+NAN = math.nan
+
+
+def _node(
+    g,
+    n,
+    parent,
+    text,
+    visits,
+    q,
+    *,
+    vt=NAN,
+    terminal=False,
+    correct=None,
+    selected=False,
+    answer=None,
+):
+    depth = 0 if parent is None else g.nodes[parent]["depth"] + 1
+    g.add_node(
+        n,
+        text=text,
+        depth=depth,
+        visits=visits,
+        q=q,
+        reward=q,
+        prior=0.5,
+        terminal=terminal,
+        n_tokens=len(text.split()),
+        value_target=vt,
+        answer=answer,
+        correct=correct,
+        selected=selected,
+    )
+    if parent is not None:
+        g.add_edge(parent, n)
+
+
+def small_tree(pid: str = "p0", question: str = "What is 2 + 3?") -> nx.DiGraph:
+    """root -> {1, 2, 3}; 1 -> {4 (correct), 5 (wrong), 7 (unvisited)}; 2 -> 6 (correct); 3 wrong."""
+    g = nx.DiGraph(problem_id=pid, question=question, reference="5", algorithm="mcts")
+    _node(g, 0, None, "", 10, 0.6, selected=True)
+    _node(g, 1, 0, "2 + 3 means adding.", 6, 0.7, vt=0.8, selected=True)
+    _node(g, 2, 0, "Add 2 and 3 at once.", 3, 0.5)
+    _node(g, 3, 0, "Multiply 2 by 3.", 1, 0.0, terminal=True, correct=False, answer="6")
+    _node(
+        g,
+        4,
+        1,
+        "The answer is 5.",
+        4,
+        1.0,
+        vt=1.0,
+        terminal=True,
+        correct=True,
+        selected=True,
+        answer="5",
+    )
+    _node(g, 5, 1, "The answer is 4.", 2, 0.0, vt=0.0, terminal=True, correct=False, answer="4")
+    _node(g, 7, 1, "Hmm.", 0, NAN)
+    _node(g, 6, 2, "So 5.", 3, 1.0, terminal=True, correct=True, answer="5")
+    return g
+
+
+def result_for(pid: str, tree: nx.DiGraph | None = None, algorithm: str = "mcts") -> ProblemResult:
+    tree = tree if tree is not None else small_tree(pid)
+    return ProblemResult(
+        problem=Problem(id=pid, question=tree.graph["question"], answer="5", task="toy"),
+        algorithm=algorithm,
+        selected_answer="5",
+        selected_text="2 + 3 means adding.\n\nThe answer is 5.",
+        correct=True,
+        pass_at_k=True,
+        n_candidates=4,
+        usage=Usage(
+            prompt_tokens=100,
+            cached_prompt_tokens=40,
+            generated_tokens=50,
+            reward_tokens=7,
+            calls=3,
+        ),
+        seconds=1.25,
+        tree=tree,
+    )
+
+
+# ---------------------------------------------------------------- results log / resume
+
+
+def test_results_log_appends_one_line_per_problem(tmp_path):
+    log = ResultsLog(tmp_path / "results.jsonl")
+    log.append(result_for("a").row())
+    log.append(result_for("b").row())
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert [json.loads(s)["id"] for s in lines] == ["a", "b"]
+    assert json.loads(lines[0])["tokens_generated_tokens"] == 50
+    assert ResultsLog(tmp_path / "results.jsonl").done_ids() == {"a", "b"}
+
+
+def test_results_log_rejects_duplicate_and_bad_rows(tmp_path):
+    log = ResultsLog(tmp_path / "r.jsonl")
+    log.append({"id": "a", "algorithm": "mcts"})
+    with pytest.raises(ValueError, match="already in"):
+        log.append({"id": "a", "algorithm": "mcts"})
+    log.append({"id": "a", "algorithm": "best_of_n"})  # same problem, other algorithm: fine
+    assert log.done_ids("mcts") == {"a"} and log.done_ids("best_of_n") == {"a"}
+    with pytest.raises(ValueError, match="'id'"):
+        log.append({"question": "no id"})
+
+
+def test_results_log_writes_strict_json_for_nan_and_numpy(tmp_path):
+    import numpy as np
+
+    log = ResultsLog(tmp_path / "r.jsonl")
+    log.append({"id": "x", "score": float("nan"), "n": np.int64(3), "v": np.float32(0.5)})
+    text = (tmp_path / "r.jsonl").read_text()
+    assert "NaN" not in text
+    rec = json.loads(text)
+    assert rec["score"] is None and rec["n"] == 3 and rec["v"] == 0.5
+
+
+def test_resume_after_torn_line(tmp_path):
+    out = RunOutputs(tmp_path)
+    for pid in ["p0", "p1", "p2"]:
+        out.add(result_for(pid))
+    # "crash" mid-append: half a JSON line, no newline
+    with open(tmp_path / "results.jsonl", "a") as f:
+        f.write('{"id": "p3", "question": "What is')
+    out2 = RunOutputs(tmp_path)
+    assert out2.log.torn
+    assert out2.done_ids() == {"p0", "p1", "p2"}
+    assert out2.done_ids("mcts") == {"p0", "p1", "p2"}
+    assert out2.done_ids("beam") == set()
+    for pid in ["p3", "p4"]:
+        if pid not in out2.done_ids():
+            out2.add(result_for(pid))
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    ids = [json.loads(s)["id"] for s in lines]  # every line parses: the torn tail is gone
+    assert ids == ["p0", "p1", "p2", "p3", "p4"]
+    with pytest.raises(ValueError, match="already in"):
+        out2.add(result_for("p1"))
+    info = out2.export(margin=0.1)
+    traces = pq.read_table(info["traces"]).to_pandas()
+    assert sorted(traces["problem_id"].unique()) == ["p0", "p1", "p2", "p3", "p4"]
+
+
+def test_torn_last_line_with_newline_is_dropped_but_corrupt_middle_raises(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_text('{"id": "a"}\n{"id": "b", "x": \n')
+    log = ResultsLog(p)
+    assert log.done_ids() == {"a"} and log.torn
+    log.append({"id": "c"})
+    assert [json.loads(s)["id"] for s in p.read_text().splitlines()] == ["a", "c"]
+    p.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
+    with pytest.raises(ValueError, match=r"r\.jsonl:2"):
+        ResultsLog(p)
+
+
+def test_tree_without_results_line_is_ignored(tmp_path):
+    out = RunOutputs(tmp_path)
+    out.add(result_for("done"))
+    # crash after the tree was saved but before its line: an orphan tree
+    save_tree(small_tree("orphan"), tree_path(tmp_path, "orphan", "mcts"))
+    assert RunOutputs(tmp_path).done_ids() == {"done"}
+    info = write_exports(tmp_path, 0.1)
+    assert set(pq.read_table(info["traces"]).column("problem_id").to_pylist()) == {"done"}
+
+
+# ---------------------------------------------------------------- run dir checks
+
+
+def test_check_writable_names_the_directory(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(OutputDirError, match="a_file"):
+        check_writable(blocker / "run")
+    with pytest.raises(OutputDirError):
+        RunOutputs(blocker / "run")
+    assert check_writable(tmp_path / "new" / "dir").is_dir()
+
+
+def test_export_rejects_bad_margin(tmp_path):
+    RunOutputs(tmp_path).add(result_for("p"))
+    for bad in (-0.1, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="margin"):
+            write_exports(tmp_path, bad)
+
+
+# ---------------------------------------------------------------- tree files
+
+
+def test_tree_json_roundtrip_keeps_attributes_and_nan(tmp_path):
+    g = small_tree("weird/id with spaces")
+    p = tree_path(tmp_path, "weird/id with spaces", "mcts")
+    assert p.parent.parent == tmp_path / "trees" and "/" not in p.name
+    save_tree(g, p)
+    text = p.read_text()
+    assert "NaN" not in text  # strict JSON
+    h = load_tree(p)
+    assert set(h.edges) == set(g.edges)
+    assert h.graph["problem_id"] == "weird/id with spaces"
+    assert math.isnan(h.nodes[7]["q"]) and math.isnan(h.nodes[2]["value_target"])
+    assert h.nodes[4]["correct"] is True and h.nodes[4]["answer"] == "5"
+    assert h.nodes[1]["visits"] == 6 and h.nodes[1]["value_target"] == 0.8
+
+
+def test_tree_paths_of_distinct_ids_differ(tmp_path):
+    assert tree_path(tmp_path, "a/b") != tree_path(tmp_path, "a_b")
+
+
+# ---------------------------------------------------------------- parquet exports
+
+
+@pytest.fixture
+def exported(tmp_path):
+    out = RunOutputs(tmp_path)
+    out.add(result_for("p0"))
+    out.add(result_for("p1", small_tree("p1", "What is 1 + 4?")))
+    return out.export(margin=0.3), tmp_path
+
+
+def test_export_files_exist_with_documented_columns(exported):
+    info, run = exported
+    for key, schema in (
+        ("traces", TRACES_SCHEMA),
+        ("pairs_dpo", PAIRS_SCHEMA),
+        ("stepwise", STEPWISE_SCHEMA),
+    ):
+        assert info[key].exists()
+        t = pq.read_table(info[key])
+        assert t.schema.equals(schema), key
+        assert len(pd.read_parquet(info[key])) == t.num_rows > 0
+    assert info["tree_png"].exists() and info["tree_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(run.glob(".*.tmp"))  # no temp files left behind
+    assert info["n_problems"] == 2
+
+
+def test_traces_are_root_to_terminal_paths(exported):
+    info, _ = exported
+    df = pd.read_parquet(info["traces"])
+    p0 = df[df.problem_id == "p0"].set_index("path_index")
+    assert len(p0) == 4  # terminals 3, 4, 5, 6
+    by_last = {tuple(r.node_ids)[-1]: r for r in p0.itertuples()}
+    r4 = by_last[4]
+    assert list(r4.node_ids) == [1, 4]
+    assert list(r4.steps) == ["2 + 3 means adding.", "The answer is 5."]
+    assert list(r4.visits) == [6, 4] and list(r4.q) == [0.7, 1.0]
+    assert list(r4.value_target) == [0.8, 1.0]
+    assert r4.correct and r4.selected and r4.answer == "5" and r4.depth == 2
+    assert not by_last[5].correct and not by_last[5].selected
+    assert math.isnan(by_last[6].value_target[0])  # NaN where no target
+
+
+def test_pairs_invariants_and_kinds(exported):
+    info, _ = exported
+    df = pd.read_parquet(info["pairs_dpo"])
+    assert set(df.kind) == {"step", "trajectory"}
+    step = df[df.kind == "step"]
+    assert ((step.chosen_value - step.rejected_value) >= 0.3 - 1e-12).all()
+    assert (step.gap == step.chosen_value - step.rejected_value).all()
+    assert (step.chosen != step.rejected).all()
+    for r in step.itertuples():
+        assert r.prompt == make_prompt(r.question, list(r.prefix_steps))
+    p0 = step[step.problem_id == "p0"]
+    # root children values: 1 -> 0.8 (target), 2 -> 0.5 (q), 3 -> 0.0; node 1's: 4 -> 1.0, 5 -> 0.0, 7 NaN
+    got = {(r.chosen_node, r.rejected_node) for r in p0.itertuples()}
+    assert got == {(1, 2), (1, 3), (2, 3), (4, 5)}
+    r45 = p0[p0.chosen_node == 4].iloc[0]
+    assert r45.prompt == "What is 2 + 3?\n\n2 + 3 means adding.\n\n"
+    assert r45.chosen == "The answer is 5." and r45.rejected == "The answer is 4."
+    traj = df[(df.kind == "trajectory") & (df.problem_id == "p0")]
+    assert len(traj) == 4  # correct {4, 6} x incorrect {3, 5}
+    assert (traj.prompt == "What is 2 + 3?\n\n").all()
+    assert set(traj.chosen_node) == {4, 6} and set(traj.rejected_node) == {3, 5}
+    assert "2 + 3 means adding.\n\nThe answer is 5." in set(traj.chosen)
+
+
+def test_stepwise_labels_follow_values(exported):
+    info, _ = exported
+    df = pd.read_parquet(info["stepwise"])
+    p0 = df[df.problem_id == "p0"]
+    assert len(p0) == 4 and (p0.prompt == "What is 2 + 3?").all()
+    for r in df.itertuples():
+        assert len(r.completions) == len(r.labels) == len(r.values)
+        assert list(r.labels) == [v >= 0.5 for v in r.values]
+    row = p0[p0.selected].iloc[0]
+    assert list(row.completions) == ["2 + 3 means adding.", "The answer is 5."]
+    assert list(row.labels) == [True, True]
+
+
+def test_export_is_idempotent_and_can_draw_a_chosen_tree(exported):
+    info, run = exported
+    again = write_exports(run, 0.3, draw="p1")
+    assert again["n_traces"] == info["n_traces"] and again["n_step_pairs"] == info["n_step_pairs"]
+    with pytest.raises(ValueError, match="nope"):
+        write_exports(run, 0.3, draw="nope")
+
+
+def test_empty_run_exports_empty_tables(tmp_path):
+    info = write_exports(tmp_path, 0.1)
+    assert info["n_problems"] == 0 and info["tree_png"] is None
+    assert pq.read_table(info["pairs_dpo"]).schema.equals(PAIRS_SCHEMA)
+
+
+def test_draw_tree_for_a_fifty_node_tree(tmp_path):
+    g = random_tree(seed=3, n=50)
+    p = draw_tree(g, tmp_path / "t.png")
+    assert p.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="empty"):
+        draw_tree(nx.DiGraph(), tmp_path / "e.png")
+
+
+def test_problem_result_tree_survives_pickle_for_workers():
+    r = result_for("p")
+    assert pickle.loads(pickle.dumps(r)).row() == r.row()
+
+
+# ---------------------------------------------------------------- property: pair invariants
+
+
+def random_tree(seed: int, n: int) -> nx.DiGraph:
+    import random
+
+    rng = random.Random(seed)
+    g = nx.DiGraph(problem_id=f"r{seed}", question="Q?", reference="1", algorithm="mcts")
+    _node(g, 0, None, "", n, 0.5)
+    for i in range(1, n):
+        parent = rng.randrange(0, i)
+        while g.nodes[parent]["terminal"]:
+            parent = rng.randrange(0, i)
+        visited = rng.random() < 0.85
+        q = rng.random() if visited else NAN
+        term = rng.random() < 0.3
+        _node(
+            g,
+            i,
+            parent,
+            f"step {rng.randrange(6)}",
+            rng.randrange(1, 9) if visited else 0,
+            q,
+            vt=rng.random() if rng.random() < 0.5 else NAN,
+            terminal=term,
+            correct=(rng.random() < 0.4) if term else None,
+        )
+    return g
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 40), margin=st.floats(0.0, 1.0))
+def test_property_pairs_respect_margin_and_share_prefix(seed, n, margin):
+    g = random_tree(seed, n)
+    for p in step_pairs(g, margin):
+        assert p["chosen_value"] > p["rejected_value"]
+        assert p["chosen_value"] - p["rejected_value"] >= margin
+        assert p["chosen_value"] == node_value(g.nodes[p["chosen_node"]])
+        # siblings: one parent, and the prompt is exactly question + that parent's path
+        assert list(g.predecessors(p["chosen_node"])) == [p["parent_node"]]
+        assert list(g.predecessors(p["rejected_node"])) == [p["parent_node"]]
+        assert p["prompt"] == make_prompt("Q?", p["prefix_steps"])
+        assert p["chosen"] != p["rejected"]
+    for p in trajectory_pairs(g, max_pairs=None):
+        assert g.nodes[p["chosen_node"]]["correct"] is True
+        assert g.nodes[p["rejected_node"]]["correct"] is False
+        assert p["prompt"] == "Q?\n\n"
