@@ -334,11 +334,27 @@ class StepBuilder:
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
         self._bytes = bytearray()
+        self._text: str | None = None  # set by add_decoded (tokenizers that decode whole ids)
         self.eos = False
 
     @property
     def text(self) -> str:
+        if self._text is not None:
+            return self._text
         return self._bytes.decode("utf-8", errors="replace")
+
+    def add_decoded(self, token: int, logprob: float, text: str) -> bool:
+        """Record a sampled token given the decoded text of ALL sampled tokens so far.
+
+        For tokenizers that decode sequences better than single pieces (HF byte-level BPE).
+        Returns True when the sample is done (delimiter reached).
+        """
+        self.token_ids.append(int(token))
+        self.logprobs.append(float(logprob))
+        self._text = text
+        if self.to_end:
+            return False
+        return stop_index(text, self.stop) >= 0
 
     def add(self, token: int, logprob: float, piece: bytes) -> bool:
         """Record a sampled token; True when the sample is done (delimiter reached)."""
@@ -446,24 +462,28 @@ class Wave:
         return out
 
 
-def run_wave(items: Sequence[T], fn: Callable[[int, T], R]) -> list[R]:
-    """Apply `fn(index, item)` to every item; any failure fails the whole wave.
+def run_wave(
+    items: Sequence[T], fn: Callable[[int, T], R], request_ids: Sequence[int] | None = None
+) -> list[R]:
+    """Apply `fn(position, item)` to every item; any failure fails the whole wave.
 
     Results are only returned when every item succeeded, so a caller never sees (or applies)
-    half a wave. The error names the failing request index and keeps the cause.
+    half a wave. The error names the failing request (request_ids[position] when the items
+    are a reordering of the wave, else the position) and keeps the cause.
     """
     results: list[R] = []
-    for i, item in enumerate(items):
+    for k, item in enumerate(items):
+        rid = request_ids[k] if request_ids is not None else k
         try:
-            results.append(fn(i, item))
+            results.append(fn(k, item))
         except GenerationError as exc:
             if exc.request_index is None:
-                exc.request_index = i
+                exc.request_index = rid
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised with the request named
             raise GenerationError(
-                f"requests[{i}] failed in the backend ({type(exc).__name__}: {exc}); "
+                f"requests[{rid}] failed in the backend ({type(exc).__name__}: {exc}); "
                 "no result of this wave was returned",
-                request_index=i,
+                request_index=rid,
             ) from exc
     return results
