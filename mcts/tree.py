@@ -9,7 +9,7 @@ Node ids are per-tree indices; node 0 is each tree's root. Children of a node ar
 contiguous block ``first_child .. first_child + n_children - 1`` (variable branching).
 Growth reallocates all arrays (capacity doubles) but node ids never change, so indices a
 caller holds stay valid; array views taken before a growth are stale: re-read the
-properties after `expand`.
+properties after `expand`. The public views are (B, capacity): slots past size[b] read 0.
 
 Backup rule (mean backup): ``visits[n] == (number of backup entries that started at n)
 + sum(visits of n's children)`` and ``value_sum`` likewise sums the backed-up values.
@@ -144,7 +144,8 @@ class Forest:
     # ------------------------------------------------------------------ storage
     def _allocate(self, rows: int, cap: int) -> None:
         for name, dt in _FIELDS:
-            setattr(self, "_a" + name, np.empty((rows, cap), dtype=dt))
+            # zeros: lazily mapped zero pages, so unused slots read as 0 and cost nothing
+            setattr(self, "_a" + name, np.zeros((rows, cap), dtype=dt))
         self._rows = rows
         self._cap = cap
 
@@ -161,7 +162,7 @@ class Forest:
         used = int(self._asize[: self.n_trees].max())
         for name, dt in _FIELDS:
             old = getattr(self, "_a" + name)
-            new = np.empty((self._rows, new_cap), dtype=dt)
+            new = np.zeros((self._rows, new_cap), dtype=dt)
             new[:, :used] = old[:, :used]
             setattr(self, "_a" + name, new)
         self._cap = new_cap
@@ -174,7 +175,11 @@ class Forest:
             raise ValueError(f"n_trees must be >= 1, got {n_trees}")
         if n > self._rows:
             self._allocate(n, self._cap)
-            self._asize = np.empty(n, dtype=np.int32)
+            self._asize = np.zeros(n, dtype=np.int32)
+        else:  # zero what the previous search used, so slots past size[b] always read 0
+            used = int(self._asize.max())
+            for name, _ in _FIELDS:
+                getattr(self, "_a" + name)[:, :used] = 0
         self.n_trees = n
         v = {name: getattr(self, "_a" + name) for name, _ in _FIELDS}
         v["parent"][:n, 0] = -1

@@ -1,0 +1,124 @@
+"""Property tests: random select/expand/backup sequences on the numba Forest and the
+plain-Python reference MCTS must give identical picks, visit counts, values and virtual loss."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mcts.tree import Forest
+from tests.reference_mcts import ReferenceForest
+
+# Few distinct values make ties frequent, which exercises the lowest-index tie rule.
+PRIORS = st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0])
+VALUES = st.sampled_from([0.0, 0.125, 0.5, 0.75, 1.0])
+
+CONFIGS = st.fixed_dictionaries(
+    {
+        "rule": st.sampled_from(["puct", "uct"]),
+        "c_puct": st.sampled_from([0.5, 1.0, 2.0]),
+        "c_base": st.sampled_from([1.0, 19652.0]),
+        "c_init": st.sampled_from([0.0, 1.25]),
+        "vl_value": st.sampled_from([0.0, 1.0, -1.0]),
+        "fpu": st.sampled_from(["parent", 0.0, 1.0]),
+    }
+)
+
+
+def _state(forest: Forest, ref: ReferenceForest) -> None:
+    for b, tree in enumerate(ref.trees):
+        s = int(forest.size[b])
+        assert s == len(tree.nodes)
+        assert forest.visits[b, :s].tolist() == [n.visits for n in tree.nodes]
+        assert forest.value_sum[b, :s].tolist() == [n.value_sum for n in tree.nodes]
+        assert forest.vloss[b, :s].tolist() == [n.vloss for n in tree.nodes]
+        assert forest.parent[b, :s].tolist() == [-1] + [n.parent.id for n in tree.nodes[1:]]
+        assert forest.terminal[b, :s].tolist() == [n.terminal for n in tree.nodes]
+
+
+@st.composite
+def scenarios(draw):
+    n_trees = draw(st.integers(1, 4))
+    waves = []
+    for _ in range(draw(st.integers(1, 8))):
+        waves.append(
+            {
+                "want": draw(st.lists(st.integers(0, 4), min_size=n_trees, max_size=n_trees)),
+                "cfg": draw(CONFIGS),
+                "seed": draw(st.integers(0, 2**31 - 1)),
+                # how picked leaves are finished: expand+backup children, backup the leaf,
+                # mark terminal, or abandon (then clear_virtual_loss)
+                "mode": draw(st.sampled_from(["children", "leaf", "mixed", "abandon"])),
+            }
+        )
+    return n_trees, waves
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.data())
+def test_forest_matches_reference(scenario, data):
+    n_trees, waves = scenario
+    forest = Forest(n_trees, capacity=2)  # tiny capacity: growth happens along the way
+    ref = ReferenceForest(n_trees)
+    for wave in waves:
+        trees, nodes = forest.select(np.array(wave["want"]), **wave["cfg"])
+        rt, rn = ref.select(wave["want"], **wave["cfg"])
+        assert trees.tolist() == rt
+        assert nodes.tolist() == rn
+        assert len(set(zip(rt, rn, strict=True))) == len(rt), "picks must be distinct"
+        _state(forest, ref)
+        if wave["mode"] == "abandon":
+            forest.clear_virtual_loss()
+            ref.clear_virtual_loss()
+            assert not forest.vloss.any()
+            continue
+        exp_t, exp_n, counts, bk_t, bk_n, bk_v = [], [], [], [], [], []
+        for b, n in zip(rt, rn, strict=True):
+            if ref.trees[b].nodes[n].terminal:
+                bk_t.append(b)
+                bk_n.append(n)
+                bk_v.append(data.draw(VALUES))
+                continue
+            if wave["mode"] == "mixed" and data.draw(st.booleans()):
+                forest.mark_terminal([b], [n])
+                ref.mark_terminal(b, n)
+                bk_t.append(b)
+                bk_n.append(n)
+                bk_v.append(data.draw(VALUES))
+                continue
+            exp_t.append(b)
+            exp_n.append(n)
+            counts.append(data.draw(st.integers(1, 4)))
+        total = sum(counts)
+        priors = data.draw(st.lists(PRIORS, min_size=total, max_size=total))
+        terms = data.draw(st.lists(st.booleans(), min_size=total, max_size=total))
+        firsts = forest.expand(
+            np.array(exp_t, dtype=np.int64),
+            np.array(exp_n, dtype=np.int64),
+            np.array(counts, dtype=np.int64),
+            np.array(priors),
+            terminal=np.array(terms, dtype=bool),
+        )
+        rfirsts = ref.expand(exp_t, exp_n, counts, priors, terminal=terms)
+        assert firsts.tolist() == rfirsts
+        for b, n, f, k in zip(exp_t, exp_n, rfirsts, counts, strict=True):
+            if wave["mode"] == "leaf":
+                bk_t.append(b)
+                bk_n.append(n)
+                bk_v.append(data.draw(VALUES))
+            else:
+                bk_t += [b] * k
+                bk_n += list(range(f, f + k))
+                bk_v += data.draw(st.lists(VALUES, min_size=k, max_size=k))
+        # Shuffle so entries of one tree interleave with others (order within a tree kept).
+        perm = np.random.default_rng(wave["seed"]).permutation(len(bk_t))
+        bk_t = [bk_t[i] for i in perm]
+        bk_n = [bk_n[i] for i in perm]
+        bk_v = [bk_v[i] for i in perm]
+        forest.backup(
+            np.array(bk_t, dtype=np.int64), np.array(bk_n, dtype=np.int64), np.array(bk_v)
+        )
+        ref.backup(bk_t, bk_n, bk_v)
+        _state(forest, ref)
+        assert not forest.vloss.any(), "virtual loss must be zero once every pick is backed up"
