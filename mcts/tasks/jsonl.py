@@ -76,7 +76,7 @@ def load_jsonl(
         raise ValueError(f"task.answer_format must be 'auto' or 'raw', got {answer_format!r}")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise ValueError(f"task.size must be a positive integer or null, got {size!r}")
-    if path is None or str(path) == "":
+    if path is None or str(path) in ("", "???"):
         raise ValueError(
             "task.path is required for a JSONL task: set task.path=/path/to/file.jsonl"
         )
