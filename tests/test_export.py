@@ -19,7 +19,6 @@ from mcts.export import (
     TRACES_SCHEMA,
     OutputDirError,
     ResultsLog,
-    RunOutputs,
     check_writable,
     draw_tree,
     load_tree,
@@ -123,9 +122,11 @@ def result_for(pid: str, tree: nx.DiGraph | None = None, algorithm: str = "mcts"
 
 
 def test_results_log_appends_one_line_per_problem(tmp_path):
-    log = ResultsLog(tmp_path / "results.jsonl")
-    log.append(result_for("a").row())
-    log.append(result_for("b").row())
+    log = ResultsLog(tmp_path / "results.jsonl")  # a file path works too
+    log.append(result_for("a").row())  # a bare row: no tree
+    log.append(result_for("b"))  # a ProblemResult: its tree is saved first
+    assert not tree_path(tmp_path, "a", "mcts").exists()
+    assert load_tree(tree_path(tmp_path, "b", "mcts")).number_of_nodes() == 8
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert [json.loads(s)["id"] for s in lines] == ["a", "b"]
     assert json.loads(lines[0])["tokens_generated_tokens"] == 50
@@ -155,26 +156,26 @@ def test_results_log_writes_strict_json_for_nan_and_numpy(tmp_path):
 
 
 def test_resume_after_torn_line(tmp_path):
-    out = RunOutputs(tmp_path)
+    out = ResultsLog(tmp_path)
     for pid in ["p0", "p1", "p2"]:
-        out.add(result_for(pid))
+        out.append(result_for(pid))
     # "crash" mid-append: half a JSON line, no newline
     with open(tmp_path / "results.jsonl", "a") as f:
         f.write('{"id": "p3", "question": "What is')
-    out2 = RunOutputs(tmp_path)
-    assert out2.log.torn
+    out2 = ResultsLog(tmp_path)
+    assert out2.torn
     assert out2.done_ids() == {"p0", "p1", "p2"}
     assert out2.done_ids("mcts") == {"p0", "p1", "p2"}
     assert out2.done_ids("beam") == set()
     for pid in ["p3", "p4"]:
         if pid not in out2.done_ids():
-            out2.add(result_for(pid))
+            out2.append(result_for(pid))
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     ids = [json.loads(s)["id"] for s in lines]  # every line parses: the torn tail is gone
     assert ids == ["p0", "p1", "p2", "p3", "p4"]
     with pytest.raises(ValueError, match="already in"):
-        out2.add(result_for("p1"))
-    info = out2.export(margin=0.1)
+        out2.append(result_for("p1"))
+    info = write_exports(tmp_path, margin=0.1)
     traces = pq.read_table(info["traces"]).to_pandas()
     assert sorted(traces["problem_id"].unique()) == ["p0", "p1", "p2", "p3", "p4"]
 
@@ -192,11 +193,10 @@ def test_torn_last_line_with_newline_is_dropped_but_corrupt_middle_raises(tmp_pa
 
 
 def test_tree_without_results_line_is_ignored(tmp_path):
-    out = RunOutputs(tmp_path)
-    out.add(result_for("done"))
+    ResultsLog(tmp_path).append(result_for("done"))
     # crash after the tree was saved but before its line: an orphan tree
     save_tree(small_tree("orphan"), tree_path(tmp_path, "orphan", "mcts"))
-    assert RunOutputs(tmp_path).done_ids() == {"done"}
+    assert ResultsLog(tmp_path).done_ids() == {"done"}
     info = write_exports(tmp_path, 0.1)
     assert set(pq.read_table(info["traces"]).column("problem_id").to_pylist()) == {"done"}
 
@@ -209,13 +209,11 @@ def test_check_writable_names_the_directory(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OutputDirError, match="a_file"):
         check_writable(blocker / "run")
-    with pytest.raises(OutputDirError):
-        RunOutputs(blocker / "run")
     assert check_writable(tmp_path / "new" / "dir").is_dir()
 
 
 def test_export_rejects_bad_margin(tmp_path):
-    RunOutputs(tmp_path).add(result_for("p"))
+    ResultsLog(tmp_path).append(result_for("p"))
     for bad in (-0.1, float("nan"), "0.1"):
         with pytest.raises(ValueError, match="margin"):
             write_exports(tmp_path, bad)
@@ -248,10 +246,10 @@ def test_tree_paths_of_distinct_ids_differ(tmp_path):
 
 @pytest.fixture
 def exported(tmp_path):
-    out = RunOutputs(tmp_path)
-    out.add(result_for("p0"))
-    out.add(result_for("p1", small_tree("p1", "What is 1 + 4?")))
-    return out.export(margin=0.3), tmp_path
+    log = ResultsLog(tmp_path)
+    log.append(result_for("p0"))
+    log.append(result_for("p1", small_tree("p1", "What is 1 + 4?")))
+    return write_exports(tmp_path, margin=0.3), tmp_path
 
 
 def test_export_files_exist_with_documented_columns(exported):
@@ -267,7 +265,8 @@ def test_export_files_exist_with_documented_columns(exported):
         assert len(pd.read_parquet(info[key])) == t.num_rows > 0
     assert info["tree_png"].exists() and info["tree_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(run.glob(".*.tmp"))  # no temp files left behind
-    assert info["n_problems"] == 2
+    assert info["counts"]["problems"] == 2
+    assert info["counts"]["traces"] == 8 and info["counts"]["trajectory_pairs"] == 8
 
 
 def test_traces_are_root_to_terminal_paths(exported):
@@ -326,14 +325,14 @@ def test_stepwise_labels_follow_values(exported):
 def test_export_is_idempotent_and_can_draw_a_chosen_tree(exported):
     info, run = exported
     again = write_exports(run, 0.3, draw="p1")
-    assert again["n_traces"] == info["n_traces"] and again["n_step_pairs"] == info["n_step_pairs"]
+    assert again["counts"] == info["counts"]
     with pytest.raises(ValueError, match="nope"):
         write_exports(run, 0.3, draw="nope")
 
 
 def test_empty_run_exports_empty_tables(tmp_path):
     info = write_exports(tmp_path, 0.1)
-    assert info["n_problems"] == 0 and info["tree_png"] is None
+    assert info["counts"]["problems"] == 0 and info["tree_png"] is None
     assert pq.read_table(info["pairs_dpo"]).schema.equals(PAIRS_SCHEMA)
 
 

@@ -225,7 +225,7 @@ def test_task_configs_fit_the_schema(name):
 
 
 def test_default_task_config_is_the_measured_one():
-    node = OmegaConf.load(CONFIGS / "arith.yaml")
+    node = OmegaConf.load(CONFIGS / "default.yaml")
     assert node.name == "basic_arithmetic" and list(node.params.operators) == ["+"]
     assert node.params.max_digits == 1
-    assert "greedy" in (CONFIGS / "arith.yaml").read_text()
+    assert "greedy" in (CONFIGS / "default.yaml").read_text()

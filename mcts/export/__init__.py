@@ -1,18 +1,19 @@
 """Outputs of a run: crash-safe results log, tree files, Parquet training tables, a tree PNG.
 
-Typical use (the search loop does this; `RunOutputs` is the one object it needs):
+Typical use (the search loop does this):
 
-    out = RunOutputs(run_dir)                 # fails fast if run_dir is not writable
-    todo = [p for p in problems if p.id not in out.done_ids(algorithm)]
+    check_writable(run_dir)                   # fails fast, before any model loads
+    log = ResultsLog(run_dir)                 # reads results.jsonl, repairs a torn last line
+    todo = [p for p in problems if p.id not in log.done_ids()]
     for result in search(...):                # each ProblemResult as it finishes
-        out.add(result)                       # tree JSON (atomic) then results line (fsync)
-    out.export(margin=0.1)                    # traces / pairs_dpo / stepwise .parquet + tree.png
+        log.append(result)                    # tree JSON (atomic) then results line (fsync)
+    write_exports(run_dir, margin=0.2)        # traces / pairs_dpo / stepwise .parquet + tree.png
 """
 
 from mcts.export.draw import draw_tree, tree_layout
 from mcts.export.io import OutputDirError, atomic_write, check_writable, safe_filename
 from mcts.export.results_log import ResultsLog
-from mcts.export.run_dir import RunOutputs, write_exports
+from mcts.export.run_dir import write_exports
 from mcts.export.tables import (
     PAIRS_SCHEMA,
     STEPWISE_SCHEMA,
@@ -29,7 +30,6 @@ __all__ = [
     "OutputDirError",
     "PAIRS_SCHEMA",
     "ResultsLog",
-    "RunOutputs",
     "STEPWISE_SCHEMA",
     "TRACES_SCHEMA",
     "atomic_write",

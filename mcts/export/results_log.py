@@ -1,5 +1,9 @@
 """results.jsonl: one JSON line per finished problem, appended, flushed and fsync'd.
 
+Given a ProblemResult, the log first saves its tree (trees/<algorithm>/<id>.json, atomic)
+and then appends its line, so every line has its tree and the exports can be rebuilt for
+all problems on resume; a tree without a line (crash in between) is simply redone.
+
 The log is the run's ledger: `done_ids()` is what a rerun skips. A crash can only tear the
 LAST line (lines are written whole, in order); that line is ignored and truncated away
 before the next append, so the problem is simply redone. Any other bad line is corruption
@@ -16,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from mcts.export.io import dumps_line
+from mcts.export.trees import save_tree, tree_path
+from mcts.results import ProblemResult
+
+RESULTS = "results.jsonl"
 
 
 def _key(row: dict[str, Any]) -> tuple[str, str]:
@@ -23,10 +31,18 @@ def _key(row: dict[str, Any]) -> tuple[str, str]:
 
 
 class ResultsLog:
-    """Append-only, crash-tolerant JSONL of result rows, keyed by (problem id, algorithm)."""
+    """Append-only, crash-tolerant JSONL of result rows, keyed by (problem id, algorithm).
+
+    `path` is a run directory (the log is <dir>/results.jsonl, trees go to <dir>/trees/)
+    or a file path ending in .jsonl (trees go next to it).
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        p = Path(path)
+        if p.suffix == ".jsonl" and not p.is_dir():
+            self.path, self.run_dir = p, p.parent
+        else:
+            self.path, self.run_dir = p / RESULTS, p
         self._rows: list[dict[str, Any]] = []
         self._keys: set[tuple[str, str]] = set()
         self._good_end = 0  # byte offset just past the last intact line
@@ -85,11 +101,16 @@ class ResultsLog:
     def __contains__(self, key: object) -> bool:
         return key in self._keys
 
-    def append(self, row: dict[str, Any]) -> None:
-        """Write one record durably (flush + fsync) before returning."""
+    def append(self, item: ProblemResult | dict[str, Any]) -> dict[str, Any]:
+        """Persist one finished problem durably (flush + fsync) before returning its row.
+
+        A ProblemResult also gets its tree saved first; a plain dict is just logged.
+        """
+        result = item if isinstance(item, ProblemResult) else None
+        row = item.row() if result is not None else item
         if not isinstance(row, dict) or "id" not in row:
             raise ValueError(
-                "a results row must be a dict with an 'id' field (ProblemResult.row())"
+                "append() takes a ProblemResult or a dict with an 'id' field (ProblemResult.row())"
             )
         k = _key(row)
         line = (dumps_line(row) + "\n").encode("utf-8")
@@ -100,6 +121,15 @@ class ResultsLog:
                     "skip the ids in done_ids() when resuming"
                 )
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if result is not None:
+                save_tree(
+                    result.tree,
+                    tree_path(self.run_dir, result.problem.id, result.algorithm),
+                    problem_id=result.problem.id,
+                    question=result.problem.question,
+                    reference=result.problem.answer,
+                    algorithm=result.algorithm,
+                )
             if self.path.exists() and self.path.stat().st_size > self._good_end:
                 os.truncate(self.path, self._good_end)  # drop a torn tail before appending
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -115,3 +145,4 @@ class ResultsLog:
             self.torn = False
             self._keys.add(k)
             self._rows.append(json.loads(line))
+        return row

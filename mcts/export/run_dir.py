@@ -1,6 +1,6 @@
 """A run directory: what is written while the search runs and what is built at the end.
 
-    <run_dir>/results.jsonl          one line per finished problem (ProblemResult.row())
+    <run_dir>/results.jsonl          one line per finished problem (ResultsLog.append)
     <run_dir>/trees/<algo>/<id>.json its tree, node-link JSON (written before the line)
     <run_dir>/traces.parquet         \\
     <run_dir>/pairs_dpo.parquet       } built by write_exports from results.jsonl + trees
@@ -26,52 +26,13 @@ import pyarrow.parquet as pq
 from mcts.export import tables
 from mcts.export.draw import draw_tree
 from mcts.export.io import atomic_write, check_writable
-from mcts.export.results_log import ResultsLog
-from mcts.export.trees import load_tree, save_tree, tree_path
-from mcts.results import ProblemResult
+from mcts.export.results_log import RESULTS, ResultsLog
+from mcts.export.trees import load_tree, tree_path
 
-RESULTS = "results.jsonl"
 TRACES = "traces.parquet"
 PAIRS = "pairs_dpo.parquet"
 STEPWISE = "stepwise.parquet"
 TREE_PNG = "tree.png"
-
-
-class RunOutputs:
-    """Writer for one run directory; checks it is writable on construction (before any search)."""
-
-    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
-        self.run_dir = check_writable(run_dir)
-        self.log = ResultsLog(self.run_dir / RESULTS)
-
-    def done_ids(self, algorithm: str | None = None) -> set[str]:
-        """Problems already finished in this directory (skip them on resume)."""
-        return self.log.done_ids(algorithm)
-
-    def add(self, result: ProblemResult) -> dict[str, Any]:
-        """Persist one finished problem: its tree (atomic), then its results line (fsync'd)."""
-        if not isinstance(result, ProblemResult):
-            raise TypeError(f"add() takes a ProblemResult, got {type(result).__name__}")
-        row = result.row()
-        if (str(row["id"]), str(row.get("algorithm") or "")) in self.log:
-            raise ValueError(
-                f"problem {row['id']!r} ({row.get('algorithm')}) is already in {self.log.path}; "
-                "skip done_ids() when resuming"
-            )
-        save_tree(
-            result.tree,
-            tree_path(self.run_dir, result.problem.id, result.algorithm),
-            problem_id=result.problem.id,
-            question=result.problem.question,
-            reference=result.problem.answer,
-            algorithm=result.algorithm,
-        )
-        self.log.append(row)
-        return row
-
-    def export(self, margin: float = 0.1, **kwargs: Any) -> dict[str, Any]:
-        """Build the Parquet files and the PNG from everything finished so far."""
-        return write_exports(self.run_dir, margin, **kwargs)
 
 
 def _write_parquet(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> Path:
@@ -93,7 +54,9 @@ def write_exports(
 
     margin: least value gap of a step pair (>= 0). draw: True draws the first finished
     problem's tree, a problem id draws that one, False draws none.
-    Returns the paths written and the counts.
+    Returns the paths written (results, traces, pairs_dpo, stepwise, tree_png or None),
+    "counts" (problems, traces, step_pairs, trajectory_pairs, stepwise,
+    stepwise_skipped_paths) and "missing_trees" (ids whose tree file is absent).
     """
     if (
         isinstance(margin, bool)
@@ -109,7 +72,7 @@ def write_exports(
     if min_visits < 0:
         raise ValueError(f"min_visits must be >= 0, got {min_visits!r}")
     run = check_writable(run_dir)
-    log = ResultsLog(run / RESULTS)
+    log = ResultsLog(run)
     traces: list[dict[str, Any]] = []
     pairs: list[dict[str, Any]] = []
     stepwise: list[dict[str, Any]] = []
@@ -148,12 +111,14 @@ def write_exports(
         "pairs_dpo": _write_parquet(run / PAIRS, pairs, tables.PAIRS_SCHEMA),
         "stepwise": _write_parquet(run / STEPWISE, stepwise, tables.STEPWISE_SCHEMA),
         "tree_png": None,
-        "n_problems": len(log),
-        "n_traces": len(traces),
-        "n_step_pairs": n_step,
-        "n_trajectory_pairs": n_traj,
-        "n_stepwise": len(stepwise),
-        "stepwise_skipped_paths": skipped_paths,
+        "counts": {
+            "problems": len(log),
+            "traces": len(traces),
+            "step_pairs": n_step,
+            "trajectory_pairs": n_traj,
+            "stepwise": len(stepwise),
+            "stepwise_skipped_paths": skipped_paths,
+        },
         "missing_trees": missing,
     }
     if isinstance(draw, str) and drawn is None:
