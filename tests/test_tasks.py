@@ -229,3 +229,38 @@ def test_default_task_config_is_the_measured_one():
     assert node.name == "basic_arithmetic" and list(node.params.operators) == ["+"]
     assert node.params.max_digits == 1
     assert "greedy" in (CONFIGS / "default.yaml").read_text()
+
+
+# ---------------------------------------------------------------- probe (task difficulty)
+
+
+class _OracleOnEvenIds:
+    """Fake generator: right on even-indexed problems greedily, sampled right once in two."""
+
+    def __init__(self, problems):
+        self.by_q = {p.question: (i, p.answer) for i, p in enumerate(problems)}
+
+    def generate(self, requests):
+        from mcts.types import Generation, Step, Usage
+
+        out = []
+        for r in requests:
+            i, ans = self.by_q[r.messages[-1].content]
+            texts = (
+                [f"So it is {ans}." if i % 2 == 0 else "So it is 999."]
+                if r.temperature == 0
+                else [f"{ans}" if j % 2 == 0 else "nope 998" for j in range(r.n)]
+            )
+            out.append(Generation([Step(t, (1,), -1.0, (-1.0,), "eos") for t in texts], Usage()))
+        return out
+
+
+def test_probe_counts_greedy_and_pass_at_k():
+    from mcts.tasks.probe import probe
+
+    ps = load_task(ARITH)
+    got = probe(ps, _OracleOnEvenIds(ps), samples=2)
+    assert got["problems"] == 6 and got["greedy_correct"] == 3
+    assert (
+        got["pass_at_k_correct"] == 6 and got["sample_correct"] == 6 and got["sample_total"] == 12
+    )

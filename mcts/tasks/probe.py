@@ -1,0 +1,112 @@
+"""How hard is a task for a model? Greedy accuracy and pass@k of plain full solutions.
+
+Used to pick the default task (search needs a task that is neither ~0% nor ~100% for the
+model at hand). No search, no reward: one greedy solution and `samples` sampled ones per
+problem, answers extracted with mcts.answers and scored with the task's own check.
+
+    python -m mcts.tasks.probe --task default --size 50 --samples 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mcts.answers import extract_answer, is_correct
+from mcts.prompts import problem_messages
+from mcts.types import Generator, Problem, StepRequest
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "task"
+
+
+def probe(
+    problems: Sequence[Problem],
+    generator: Generator,
+    *,
+    samples: int = 4,
+    temperature: float = 0.8,
+    max_tokens: int = 256,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Greedy accuracy, per-sample accuracy and pass@`samples` over `problems`."""
+    if samples < 0:
+        raise ValueError(f"samples must be >= 0, got {samples}")
+    t0 = time.perf_counter()
+    greedy_reqs = [
+        StepRequest(
+            problem_messages(p.question), n=1, temperature=0.0, max_tokens=max_tokens, to_end=True
+        )
+        for p in problems
+    ]
+    greedy = generator.generate(greedy_reqs)
+    sampled = (
+        generator.generate(
+            [
+                StepRequest(
+                    problem_messages(p.question),
+                    n=samples,
+                    temperature=temperature,
+                    max_tokens=max_tokens,
+                    to_end=True,
+                    seed=seed + i,
+                )
+                for i, p in enumerate(problems)
+            ]
+        )
+        if samples
+        else [None] * len(problems)
+    )
+    n_greedy = n_pass = n_correct_samples = n_samples = 0
+    for p, g, s in zip(problems, greedy, sampled, strict=True):
+        n_greedy += is_correct(extract_answer(g.steps[0].text), p)
+        if s is not None:
+            oks = [is_correct(extract_answer(st.text), p) for st in s.steps]
+            counts = [st.count for st in s.steps]
+            n_correct_samples += sum(c for ok, c in zip(oks, counts, strict=True) if ok)
+            n_samples += sum(counts)
+            n_pass += any(oks)
+    n = len(problems)
+    return {
+        "problems": n,
+        "greedy_correct": n_greedy,
+        "greedy_accuracy": n_greedy / n,
+        "samples": samples,
+        "sample_correct": n_correct_samples,
+        "sample_total": n_samples,
+        "pass_at_k_correct": n_pass,
+        "pass_at_k": n_pass / n if samples else None,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    from mcts.generators.factory import make_generator
+    from mcts.tasks import load_task
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", default="default", help="a configs/task/<name>.yaml")
+    ap.add_argument("--size", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0, help="task seed")
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--backend", default="llama_cpp")
+    a = ap.parse_args(argv)
+    cfg = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{a.task}.yaml"))
+    cfg.update(size=a.size, seed=a.seed)
+    problems = load_task(cfg)
+    out = {
+        "task": a.task,
+        "backend": a.backend,
+        **probe(problems, make_generator({"backend": a.backend}), samples=a.samples),
+    }
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
