@@ -237,6 +237,22 @@ def test_tree_json_roundtrip_keeps_attributes_and_nan(tmp_path):
     assert h.nodes[1]["visits"] == 6 and h.nodes[1]["value_target"] == 0.8
 
 
+def test_numpy_attributes_are_handled(tmp_path):
+    import numpy as np
+
+    g = small_tree()
+    g.nodes[1]["q"] = np.float32(0.25)
+    g.nodes[1]["value_target"] = np.float64("nan")
+    g.nodes[1]["visits"] = np.int64(6)
+    assert node_value(g.nodes[1]) == 0.25  # falls back to q, numpy scalar accepted
+    save_tree(g, tmp_path / "t.json")
+    h = load_tree(tmp_path / "t.json")
+    assert h.nodes[1]["q"] == 0.25 and h.nodes[1]["visits"] == 6
+    assert math.isnan(h.nodes[1]["value_target"])
+    assert {(p["chosen_node"], p["rejected_node"]) for p in step_pairs(g, 0.3)} >= {(4, 5)}
+    draw_tree(g, tmp_path / "t.png")
+
+
 def test_tree_paths_of_distinct_ids_differ(tmp_path):
     assert tree_path(tmp_path, "a/b") != tree_path(tmp_path, "a_b")
 

@@ -9,6 +9,7 @@ thick. Uses the Agg canvas directly: no pyplot, so no global backend switch for 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,9 @@ def draw_tree(
     xs = [pos[n][0] for n in nodes]
     ys = [pos[n][1] for n in nodes]
     qs = [graph.nodes[n].get("q") for n in nodes]
-    q_ok = [isinstance(q, (int, float)) and math.isfinite(q) for q in qs]
+    q_ok = [
+        isinstance(q, numbers.Real) and not isinstance(q, bool) and math.isfinite(q) for q in qs
+    ]
     size = 260.0 if len(nodes) <= 80 else max(20.0, 260.0 * 80 / len(nodes))
     edge_c, edge_w = [], []
     for n in nodes:

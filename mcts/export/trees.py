@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,8 @@ def load_tree(path: str | os.PathLike[str]) -> nx.DiGraph:
 
 
 def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    # numbers.Real covers numpy scalars (np.float32 is not a float subclass)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def node_value(attrs: dict[str, Any]) -> float:
