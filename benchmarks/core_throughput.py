@@ -1,0 +1,231 @@
+"""Core throughput: simulations/second of the numba Forest vs plain Python vs mctx (JAX CPU).
+
+Workload (identical for all three): B trees, S simulations per tree, K children per
+expansion, PUCT (c_base=19652, c_init=1.25), a trivial constant value 0.5. One simulation
+= select one leaf per tree, expand it with K children (uniform priors), back up the
+value from that leaf. This is what one mctx simulation does too (a new node whose K
+action slots carry priors), so the trees have the same shape.
+
+Usage: python benchmarks/core_throughput.py [--quick] [--no-write]
+The table (with this command) goes into the "Core throughput" section of
+benchmarks/RESULTS.md. --quick runs only B=1024, S=256, K=8 and ends with its ratios.
+Never a test: timings depend on the machine and its load (reported alongside).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numba  # noqa: E402
+
+from mcts.tree import Forest  # noqa: E402
+from tests.reference_mcts import ReferenceForest  # noqa: E402
+
+VALUE = 0.5
+SECTION = "## Core throughput"
+
+_WARM_SNIPPET = (
+    "import time; t=time.perf_counter(); import numpy as np; from mcts.tree import Forest; "
+    "f=Forest(2, capacity=8); tr,nd=f.select(1); f.expand(tr,nd,np.full(2,2),np.full(4,.5)); "
+    "f.backup(tr,nd,np.full(2,.5)); f.best_leaves(); f.leaf_paths(0); "
+    "print(time.perf_counter()-t)"
+)
+
+
+def numba_rate(forest: Forest, S: int, K: int, reps: int) -> float:
+    """Best of `reps` runs of S waves over the whole forest; returns simulations/s."""
+    B = forest.n_trees
+    counts = np.full(B, K, dtype=np.int64)
+    priors = np.full(B * K, 1.0 / K)
+    values = np.full(B, VALUE)
+    best = 0.0
+    for _ in range(reps):
+        forest.reset()
+        t = time.perf_counter()
+        for _ in range(S):
+            trees, nodes = forest.select(1)
+            n = trees.size
+            forest.expand(trees, nodes, counts[:n], priors[: n * K])
+            forest.backup(trees, nodes, values[:n])
+        dt = time.perf_counter() - t
+        assert int(forest.visits[:, 0].min()) == S, "every tree must have run S simulations"
+        best = max(best, B * S / dt)
+    return best
+
+
+def python_rate(B: int, S: int, K: int) -> float:
+    ref = ReferenceForest(B)
+    priors = [1.0 / K] * K
+    t = time.perf_counter()
+    for _ in range(S):
+        trees, nodes = ref.select(1)
+        ref.expand(trees, nodes, [K] * len(trees), priors * len(trees))
+        ref.backup(trees, nodes, [VALUE] * len(trees))
+    dt = time.perf_counter() - t
+    assert all(tr.root.visits == S for tr in ref.trees)
+    return B * S / dt
+
+
+def mctx_rate(B: int, S: int, K: int) -> tuple[float, float] | None:
+    """(compile seconds, simulations/s) of mctx.muzero_policy on JAX CPU, or None."""
+    try:
+        import jax
+        import jax.numpy as jnp
+        import mctx
+    except ImportError:
+        return None
+
+    def recurrent_fn(params, rng_key, action, embedding):
+        out = mctx.RecurrentFnOutput(
+            reward=jnp.zeros(B),
+            discount=jnp.ones(B),
+            prior_logits=jnp.zeros((B, K)),
+            value=jnp.full(B, VALUE),
+        )
+        return out, embedding
+
+    @jax.jit
+    def run(key):
+        root = mctx.RootFnOutput(
+            prior_logits=jnp.zeros((B, K)), value=jnp.full(B, VALUE), embedding=jnp.zeros(B)
+        )
+        return mctx.muzero_policy(
+            params=(),
+            rng_key=key,
+            root=root,
+            recurrent_fn=recurrent_fn,
+            num_simulations=S,
+            dirichlet_fraction=0.0,
+        ).action_weights
+
+    key = jax.random.PRNGKey(0)
+    t = time.perf_counter()
+    run(key).block_until_ready()
+    compile_s = time.perf_counter() - t
+    best = 0.0
+    for _ in range(2):
+        t = time.perf_counter()
+        run(key).block_until_ready()
+        best = max(best, B * S / (time.perf_counter() - t))
+    return compile_s, best
+
+
+def compile_times(cold: bool) -> dict[str, float]:
+    """Import + first calls of every kernel in a fresh process: warm cache, and cold."""
+    out = {}
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-c", _WARM_SNIPPET]
+    out["warm"] = float(
+        subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    )
+    if cold:
+        with tempfile.TemporaryDirectory() as d:
+            env_cold = dict(env, NUMBA_CACHE_DIR=d)
+            res = subprocess.run(cmd, env=env_cold, capture_output=True, text=True, check=True)
+            out["cold"] = float(res.stdout)
+    return out
+
+
+def write_results(text: str) -> None:
+    path = ROOT / "benchmarks" / "RESULTS.md"
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    if SECTION in old:
+        head, rest = old.split(SECTION, 1)
+        nxt = rest.find("\n## ")
+        tail = rest[nxt + 1 :] if nxt >= 0 else ""
+        new = head + text + ("\n" + tail if tail else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    path.write_text(new)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="only B=1024, S=256, K=8 (< 60 s)")
+    ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    args = ap.parse_args()
+
+    if args.quick:
+        grid = [(1024, 256, 8)]
+    else:
+        grid = [(b, s, k) for k in (8, 32) for b in (1, 64, 1024) for s in (16, 64, 256)]
+    threads = sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)})
+
+    comp = compile_times(cold=not args.quick)
+    # Warm this process's dispatchers (cache load) before timing anything.
+    numba_rate(Forest(2, capacity=8), 2, 2, 1)
+
+    rows = []
+    for B, S, K in grid:
+        forest = Forest(B, capacity=1 + S * K)
+        reps = 5 if B * S < 20000 else 3
+        rates = {}
+        for th in threads:
+            numba.set_num_threads(th)
+            rates[th] = numba_rate(forest, S, K, reps)
+        numba.set_num_threads(max(threads))
+        py = python_rate(B, S, K)
+        mx = mctx_rate(B, S, K)
+        rows.append((B, S, K, rates, py, mx))
+        best = max(rates.values())
+        mx_txt = f"mctx {mx[1]:,.0f}/s" if mx else "mctx n/a"
+        print(
+            f"B={B} S={S} K={K}: numba {' / '.join(f'{r:,.0f}' for r in rates.values())}/s, "
+            f"python {py:,.0f}/s, {mx_txt}, x{best / py:.0f} python",
+            flush=True,
+        )
+
+    cmd = "python benchmarks/core_throughput.py" + (" --quick" if args.quick else "")
+    load = os.getloadavg()
+    lines = [
+        SECTION,
+        "",
+        f"Command: `{cmd}` ({time.strftime('%Y-%m-%d %H:%M')}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, load average at the end {load[0]:.1f}; numba {numba.__version__}).",
+        "Simulations/second (one simulation = select a leaf + expand K children + back up a "
+        "constant value), best of several runs; numba threads 1 and 2; ratios use the faster numba column.",
+        "",
+        "| B | S | K | numba 1 thread | numba 2 threads | plain Python | mctx (JAX CPU) | x Python | x mctx |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for B, S, K, rates, py, mx in rows:
+        best = max(rates.values())
+        r1 = rates.get(1, float("nan"))
+        r2 = rates.get(2, float("nan"))
+        mxs = f"{mx[1]:,.0f}" if mx else "n/a"
+        mxr = f"{best / mx[1]:.1f}" if mx else "n/a"
+        lines.append(
+            f"| {B} | {S} | {K} | {r1:,.0f} | {r2:,.0f} | {py:,.0f} | {mxs} | {best / py:.0f} | {mxr} |"
+        )
+    lines.append("")
+    comp_txt = ", ".join(f"{k} {v:.2f} s" for k, v in comp.items())
+    mx_comp = [f"{r[5][0]:.1f} s" for r in rows if r[5]]
+    lines.append(
+        f"Compilation (fresh process: import + first call of every kernel): {comp_txt}. "
+        + (f"mctx jit compile per shape: {', '.join(mx_comp)}." if mx_comp else "")
+    )
+    lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        write_results(text)
+    B, S, K, rates, py, mx = next(r for r in rows if r[:3] == (1024, 256, 8))
+    best = max(rates.values())
+    mx_txt = f"{best / mx[1]:.1f}x mctx" if mx else "mctx not installed"
+    print(f"B=1024 S=256 K=8: numba {best:,.0f} sims/s = {best / py:.0f}x plain Python, {mx_txt}")
+
+
+if __name__ == "__main__":
+    main()
