@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import fcntl
 import glob
 import hashlib
@@ -119,8 +120,13 @@ def _convert_into(gguf: Path, out: Path) -> None:
     src_dir, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name)
-    # A GGUF-loaded model is "not serializable"; a fresh model of the same config is.
-    fresh = AutoModelForCausalLM.from_config(loaded.config)
+    # A GGUF-loaded model is "not serializable"; a fresh model of the same config is. The
+    # config must lose its GGUF quantization entry: the saved weights are plain float32, and
+    # engines (vLLM) would otherwise look for a GGUF loader.
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config)
     missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
     # Tied output weights may be absent from one side; anything else is a real mismatch.
     missing = [k for k in missing if k != "lm_head.weight"]
@@ -137,6 +143,9 @@ def _convert_into(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
     if not getattr(tokenizer, "chat_template", None):
         raise ConversionError(f"{gguf.name} carries no chat template; the generators need one")
+    saved = json.loads((out / "config.json").read_text())
+    if "quantization_config" in saved:
+        raise ConversionError("internal: the saved config.json still names a quantization")
 
 
 def convert_gguf(
@@ -173,6 +182,10 @@ def convert_gguf(
                 "gguf_name": src.name,
                 "transformers": transformers.__version__,
             }
+            # mkdtemp makes the folder private (0700): the cache is meant to be shared/read.
+            os.chmod(tmp, 0o755)
+            for f in tmp.iterdir():
+                os.chmod(f, 0o644)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
