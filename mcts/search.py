@@ -1,0 +1,535 @@
+"""The batched search loop that every algorithm shares.
+
+    problems -> Forest (B trees) -> [policy.propose -> ONE generator call -> ONE reward call
+             -> Forest.expand -> policy.after_wave] until each tree's token budget is spent
+             -> one ProblemResult per problem (answer, tree, costs)
+
+Budgets are generated tokens per problem. A request is only issued when its worst case
+(n samples x max tokens) fits in what the problem has left, so no problem ever spends more
+than its budget and algorithms are compared at equal cost.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mcts.algorithms import make_policy
+from mcts.algorithms.base import Children, Expansion, Policy
+from mcts.config import SearchConfig
+from mcts.prompts import DEFAULT_SYSTEM, join_steps, problem_messages
+from mcts.results import ProblemResult
+from mcts.targets import annotate_tree
+from mcts.tree import Forest
+from mcts.types import Generation, Generator, Problem, Reward, ScoreItem, StepRequest, Usage
+
+
+class SearchError(RuntimeError):
+    """A wave could not be completed; nothing of it was applied to the trees."""
+
+
+@dataclass
+class NodeData:
+    """The Python side of a node: what the numba forest must not hold."""
+
+    text: str
+    n_tokens: int = 0
+    finish: str = ""
+    count: int = 1  # identical sibling samples merged into this node
+
+
+@dataclass
+class BatchState:
+    """Everything a policy may read or change while a batch of problems is searched."""
+
+    cfg: SearchConfig
+    problems: list[Problem]
+    forest: Forest
+    nodes: list[dict[int, NodeData]]
+    usage: list[Usage]
+    live: np.ndarray  # bool per tree
+    started: list[float]
+    wave: int = 0
+    policy_state: dict[str, Any] = field(default_factory=dict)
+    # Full solutions (to_end expansions) wait here with their scores and are attached in
+    # one block when the tree retires: a node's children are one contiguous block in the
+    # forest, so the root cannot grow a second block wave after wave.
+    pending: dict[int, list[tuple[list, np.ndarray]]] = field(default_factory=dict)
+
+    def remaining(self, tree: int) -> int:
+        return self.cfg.token_budget - self.usage[tree].generated_tokens
+
+    def steps(self, tree: int, node: int) -> list[str]:
+        path = self.forest.path_to_root(tree, node)
+        return [self.nodes[tree][int(n)].text for n in path[1:]]
+
+    def solution_text(self, tree: int, node: int) -> str:
+        return join_steps(self.steps(tree, node), self.cfg.delimiter).rstrip()
+
+
+@dataclass
+class SearchResult:
+    results: list[ProblemResult]
+    summary: dict[str, Any]
+
+
+def _seed(cfg_seed: int, problem_id: str, node: int, wave: int) -> int:
+    """A request seed that depends only on what is asked, not on wave composition."""
+    return zlib.crc32(f"{cfg_seed}:{problem_id}:{node}:{wave}".encode()) & 0x7FFFFFFF
+
+
+def _check_scores(values: np.ndarray, n: int, reward: Reward) -> np.ndarray:
+    name = type(reward).__name__
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != (n,):
+        raise SearchError(f"reward {name} returned shape {values.shape}, expected ({n},)")
+    bad = np.flatnonzero(~np.isfinite(values) | (values < 0) | (values > 1))
+    if bad.size:
+        i = int(bad[0])
+        raise SearchError(
+            f"reward {name} returned {values[i]!r} for item {i} (of {n}); "
+            "scores must be finite and in [0, 1]"
+        )
+    return values
+
+
+class Search:
+    """Runs one algorithm over a list of problems, batch by batch."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        reward: Reward | None,
+        cfg: SearchConfig,
+        on_result: Callable[[ProblemResult], None] | None = None,
+        progress: bool = False,
+    ) -> None:
+        cfg.validate()
+        self.generator = generator
+        self.reward = reward
+        self.cfg = cfg
+        self.on_result = on_result
+        self.progress = progress
+        self.system = cfg.system_prompt if cfg.system_prompt is not None else DEFAULT_SYSTEM
+        self.stats = {
+            "waves": 0,
+            "generator_calls": 0,
+            "reward_calls": 0,
+            "requests": 0,
+            "generator_seconds": 0.0,
+            "reward_seconds": 0.0,
+            "empty_steps": 0,
+        }
+        self._forest: Forest | None = None
+
+    # -- public -------------------------------------------------------------------------
+    def run(self, problems: Sequence[Problem]) -> list[ProblemResult]:
+        policy_probe = make_policy(self.cfg)
+        if self.reward is None and policy_probe.needs_score(True):
+            raise ValueError(
+                f"search.algorithm={self.cfg.algorithm} needs a reward model; pass one "
+                "(or use algorithm=self_consistency, which needs none)"
+            )
+        out: list[ProblemResult] = []
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(problems), desc=self.cfg.algorithm, unit="problem")
+        step = self.cfg.max_live_trees
+        for lo in range(0, len(problems), step):
+            batch = list(problems[lo : lo + step])
+            for res in self._run_batch(batch):
+                out.append(res)
+                if self.on_result is not None:
+                    self.on_result(res)
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        return out
+
+    # -- one batch of problems ----------------------------------------------------------
+    def _forest_for(self, n: int) -> Forest:
+        # Reuse one allocation across batches: first-touch page faults on a fresh
+        # allocation cost more than a reset.
+        if self._forest is None or self._forest.n_trees < n:
+            self._forest = Forest(n, capacity=256)
+        else:
+            self._forest.reset(n)
+        return self._forest
+
+    def _run_batch(self, problems: list[Problem]) -> list[ProblemResult]:
+        cfg = self.cfg
+        n = len(problems)
+        state = BatchState(
+            cfg=cfg,
+            problems=problems,
+            forest=self._forest_for(n),
+            nodes=[{0: NodeData(text="")} for _ in range(n)],
+            usage=[Usage() for _ in range(n)],
+            live=np.ones(n, dtype=bool),
+            started=[time.perf_counter()] * n,
+        )
+        policy = make_policy(cfg)
+        policy.start(state)
+        finished: list[ProblemResult] = []
+        idle = np.zeros(n, dtype=np.int64)  # consecutive waves a live tree asked for nothing
+        while state.live.any() and state.wave < cfg.max_waves:
+            exps = self._fit_budget(state, policy.propose(state))
+            if exps:
+                policy.after_wave(state, self._wave(state, policy, exps))
+                self.stats["waves"] += 1
+            state.wave += 1
+            asked = np.zeros(n, dtype=bool)
+            asked[[e.tree for e in exps]] = True
+            idle = np.where(asked, 0, idle + 1)
+            for t in np.flatnonzero(state.live):
+                t = int(t)
+                if (
+                    state.remaining(t) < cfg.min_step_tokens
+                    or policy.done(state, t)
+                    or idle[t] > cfg.max_idle_waves
+                ):
+                    finished.append(self._finish(state, policy, t))
+        for t in np.flatnonzero(state.live):
+            finished.append(self._finish(state, policy, int(t)))
+        return finished
+
+    def _fit_budget(self, state: BatchState, exps: list[Expansion]) -> list[Expansion]:
+        """Shrink or drop requests so each problem's worst case fits its remaining budget."""
+        left = {t: state.remaining(t) for t in {e.tree for e in exps}}
+        kept = []
+        for e in exps:
+            r = left[e.tree]
+            if r < self.cfg.min_step_tokens:
+                continue
+            n = min(e.n, r // e.max_tokens) if e.max_tokens <= r else 0
+            if n >= 1:
+                e.n = n
+            else:
+                e.n, e.max_tokens = 1, r
+            left[e.tree] = r - e.n * e.max_tokens
+            kept.append(e)
+        return kept
+
+    # -- one wave: ONE generator call, ONE reward call ---------------------------------
+    def _wave(self, state: BatchState, policy: Policy, exps: list[Expansion]) -> list[Children]:
+        cfg = self.cfg
+        requests = []
+        for e in exps:
+            p = state.problems[e.tree]
+            requests.append(
+                StepRequest(
+                    messages=problem_messages(p.question, self.system),
+                    prefix=join_steps(state.steps(e.tree, e.node), cfg.delimiter),
+                    n=e.n,
+                    stop=cfg.delimiter,
+                    max_tokens=e.max_tokens,
+                    temperature=cfg.temperature,
+                    top_p=cfg.top_p,
+                    seed=_seed(cfg.seed, p.id, e.node, state.wave),
+                    to_end=e.to_end,
+                )
+            )
+        t0 = time.perf_counter()
+        try:
+            gens = self.generator.generate(requests)
+        except Exception as err:  # nothing of this wave has been applied yet
+            raise SearchError(f"generator failed in wave {state.wave}: {err}") from err
+        self.stats["generator_seconds"] += time.perf_counter() - t0
+        self.stats["generator_calls"] += 1
+        self.stats["requests"] += len(requests)
+        if len(gens) != len(requests):
+            raise SearchError(
+                f"generator returned {len(gens)} results for {len(requests)} requests"
+            )
+
+        # Candidates per expansion: lists of steps (one step each, or a chain for to_end).
+        cands: list[list[list[tuple[str, int, str, int, float]]]] = []
+        for e, g in zip(exps, gens, strict=True):
+            cands.append(self._candidates(e, g))
+
+        # Score every new node that the policy wants scored, in one call.
+        items: list[ScoreItem] = []
+        where: list[tuple[int, int, int]] = []  # (expansion, candidate, step) per item
+        for i, (e, cs) in enumerate(zip(exps, cands, strict=True)):
+            p = state.problems[e.tree]
+            base = state.steps(e.tree, e.node)
+            depth = len(base)
+            for j, chain in enumerate(cs):
+                for k, (_text, _, _, _, _) in enumerate(chain):
+                    terminal = self._is_terminal(chain, k, depth + k + 1)
+                    if policy.needs_score(terminal):
+                        steps = tuple(base + [s[0] for s in chain[: k + 1]])
+                        items.append(ScoreItem(p.question, steps, p.answer, terminal, p))
+                        where.append((i, j, k))
+        scores = np.full(
+            (
+                len(exps),
+                max((len(c) for c in cands), default=0),
+                max((len(ch) for c in cands for ch in c), default=0),
+            ),
+            np.nan,
+        )
+        if items:
+            assert self.reward is not None
+            t0 = time.perf_counter()
+            try:
+                vals = self.reward.score(items)
+            except SearchError:
+                raise
+            except Exception as err:
+                raise SearchError(
+                    f"reward {type(self.reward).__name__} failed in wave {state.wave}: {err}"
+                ) from err
+            self.stats["reward_seconds"] += time.perf_counter() - t0
+            self.stats["reward_calls"] += 1
+            vals = _check_scores(vals, len(items), self.reward)
+            toks = getattr(self.reward, "last_tokens", None)
+            for m, (i, j, k) in enumerate(where):
+                scores[i, j, k] = vals[m]
+                if toks is not None:
+                    state.usage[exps[i].tree].reward_tokens += int(toks[m])
+
+        # Only now, with every model call done, touch the trees.
+        for e, g in zip(exps, gens, strict=True):
+            state.usage[e.tree] += g.usage
+        out = []
+        for i, (e, cs) in enumerate(zip(exps, cands, strict=True)):
+            if e.to_end:
+                state.pending.setdefault(e.tree, []).extend(
+                    (c, scores[i, j]) for j, c in enumerate(cs)
+                )
+                out.append(Children(e, np.empty(0, np.int64), np.empty(0, np.int64)))
+            else:
+                out.append(self._attach(state, e, cs, scores[i]))
+        return out
+
+    def _attach_pending(self, state: BatchState, t: int) -> None:
+        """Attach a retired tree's full solutions under the root, identical ones merged."""
+        merged: dict[tuple[str, ...], tuple[list, np.ndarray]] = {}
+        for chain, sc in state.pending.pop(t, []):
+            key = tuple(step[0] for step in chain)
+            if key in merged:
+                old, osc = merged[key]
+                last = old[-1]
+                old[-1] = (*last[:3], last[3] + chain[-1][3], last[4])
+                for k in range(len(old) - 1):
+                    old[k] = (*old[k][:3], old[k][3] + chain[k][3], old[k][4])
+            else:
+                merged[key] = (list(chain), sc)
+        if not merged:
+            return
+        cands = [c for c, _ in merged.values()]
+        width = max(len(c) for c in cands)
+        scores = np.full((len(cands), width), np.nan)
+        for j, (_, sc) in enumerate(merged.values()):
+            scores[j, : min(width, len(sc))] = sc[:width]
+        kids = self._attach(state, Expansion(t, 0, len(cands), 0, to_end=True), cands, scores)
+        f = state.forest
+        tails = kids.tails
+        tr = np.full(len(tails), t, dtype=np.int64)
+        f.backup(tr, tails, np.nan_to_num(f.reward[t, tails], nan=0.0))
+
+    def _candidates(
+        self, e: Expansion, g: Generation
+    ) -> list[list[tuple[str, int, str, int, float]]]:
+        """(text, n_tokens, finish, count, mean_logprob) per step of each candidate."""
+        out = []
+        d = self.cfg.delimiter
+        for s in g.steps:
+            if e.to_end:
+                parts = [p.strip() for p in s.text.split(d)]
+                parts = [p for p in parts if p] or [""]
+                # Token counts per piece are apportioned by characters (the sample's total
+                # is exact; the split is for display and value targets only).
+                total = max(1, sum(len(p) for p in parts))
+                chain = [
+                    (p, round(s.n_tokens * len(p) / total), "step", s.count, s.mean_logprob)
+                    for p in parts
+                ]
+                last = chain[-1]
+                chain[-1] = (
+                    last[0],
+                    last[1],
+                    s.finish if s.finish != "step" else "eos",
+                    last[3],
+                    last[4],
+                )
+                out.append(chain)
+            else:
+                text = s.text.strip()
+                if not text and s.finish == "step":
+                    self.stats["empty_steps"] += s.count
+                    continue
+                out.append([(text, s.n_tokens, s.finish, s.count, s.mean_logprob)])
+        return out
+
+    def _is_terminal(self, chain: list, k: int, depth: int) -> bool:
+        if k < len(chain) - 1:
+            return False
+        finish = chain[k][2]
+        return (
+            finish == "eos"
+            or depth >= self.cfg.max_depth
+            or (finish == "length" and len(chain) > 1)
+        )
+
+    def _attach(self, state: BatchState, e: Expansion, cands: list, scores: np.ndarray) -> Children:
+        f, t = state.forest, e.tree
+        depth0 = int(f.depth[t, e.node])
+        if not cands:
+            # The model produced nothing usable here: a dead end, not silently dropped.
+            f.mark_terminal(np.array([t]), np.array([e.node]), np.array([0.0]))
+            return Children(e, np.empty(0, np.int64), np.empty(0, np.int64))
+        ml = np.array([c[0][4] for c in cands]) / self.cfg.prior_temperature
+        ml += np.log([c[0][3] for c in cands])
+        priors = np.exp(ml - ml.max())
+        priors /= priors.sum()
+        level = 0
+        active = list(range(len(cands)))
+        cur_parent = {j: e.node for j in active}
+        heads_arr = np.full(len(cands), -1, np.int64)
+        tails_arr = np.full(len(cands), -1, np.int64)
+        while active:
+            # Attach step `level` of every still-active candidate, one expand per parent.
+            by_parent: dict[int, list[int]] = {}
+            for j in active:
+                by_parent.setdefault(cur_parent[j], []).append(j)
+            for parent, js in by_parent.items():
+                pr = priors[js] if level == 0 else np.ones(len(js))
+                rw = np.array([scores[j, level] for j in js])
+                term = np.array(
+                    [self._is_terminal(cands[j], level, depth0 + level + 1) for j in js]
+                )
+                first = int(
+                    f.expand(
+                        np.array([t]),
+                        np.array([parent]),
+                        np.array([len(js)]),
+                        pr.astype(np.float64),
+                        rw,
+                        term,
+                    )[0]
+                )
+                if first < 0:  # tree full (on_full="stop"): keep what we have
+                    for j in js:
+                        active.remove(j)
+                    continue
+                for off, j in enumerate(js):
+                    node = first + off
+                    text, ntok, finish, count, _ = cands[j][level]
+                    state.nodes[t][node] = NodeData(text, ntok, finish, count)
+                    if level == 0:
+                        heads_arr[j] = node
+                    tails_arr[j] = node
+                    cur_parent[j] = node
+            level += 1
+            active = [j for j in active if len(cands[j]) > level]
+        ok = heads_arr >= 0
+        return Children(e, heads_arr[ok], tails_arr[ok])
+
+    # -- retiring a tree ----------------------------------------------------------------
+    def _finish(self, state: BatchState, policy: Policy, t: int) -> ProblemResult:
+        state.live[t] = False
+        p = state.problems[t]
+        if t in state.pending:
+            self._attach_pending(state, t)
+        node = int(policy.select(state, t))
+        text = state.solution_text(t, node)
+        graph, info = annotate_tree(state, t, node, self.cfg)
+        return ProblemResult(
+            problem=p,
+            algorithm=self.cfg.algorithm,
+            selected_answer=info["selected_answer"],
+            selected_text=text,
+            correct=info["correct"],
+            pass_at_k=info["pass_at_k"],
+            n_candidates=info["k"],
+            usage=state.usage[t],
+            seconds=time.perf_counter() - state.started[t],
+            tree=graph,
+        )
+
+
+def search(
+    problems: Sequence[Problem],
+    generator: Generator,
+    reward: Reward | None,
+    config: SearchConfig | None = None,
+    run_dir: str | Path | None = None,
+    progress: bool = False,
+) -> SearchResult:
+    """Search every problem and return what was chosen, with the trees and costs.
+
+    With `run_dir`, results are appended to `run_dir/results.jsonl` as each problem
+    finishes, problems already there are skipped (a rerun resumes), and the Parquet/JSON
+    exports are written atomically at the end.
+    """
+    cfg = config or SearchConfig()
+    problems = list(problems)
+    if not problems:
+        raise ValueError("problems is empty: nothing to search (check the task config)")
+    ids = [p.id for p in problems]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ValueError(f"problem ids must be unique; duplicated: {dup}")
+    log = None
+    if run_dir is not None:
+        from mcts.export import ResultsLog, check_writable
+
+        run_dir = Path(run_dir)
+        check_writable(run_dir)
+        log = ResultsLog(run_dir)
+        done = log.done_ids()
+        problems = [p for p in problems if p.id not in done]
+
+    def on_result(res: ProblemResult) -> None:
+        if log is not None:
+            log.append(res)
+
+    engine = Search(generator, reward, cfg, on_result=on_result, progress=progress)
+    t0 = time.perf_counter()
+    results = engine.run(problems)
+    wall = time.perf_counter() - t0
+    summary = summarize(results, engine.stats, wall, reward)
+    if run_dir is not None:
+        from mcts.export import write_exports
+
+        summary["exports"] = write_exports(run_dir, margin=cfg.pair_margin)
+    return SearchResult(results=results, summary=summary)
+
+
+def summarize(
+    results: Sequence[ProblemResult], stats: dict, wall: float, reward: Reward | None = None
+) -> dict[str, Any]:
+    n = len(results)
+    tot = Usage()
+    for r in results:
+        tot += r.usage
+    model_s = stats["generator_seconds"] + stats["reward_seconds"]
+    return {
+        "problems": n,
+        "accuracy": (sum(r.correct for r in results) / n) if n else float("nan"),
+        "pass_at_k": (sum(r.pass_at_k for r in results) / n) if n else float("nan"),
+        "generated_tokens_per_problem": tot.generated_tokens / n if n else 0.0,
+        "prompt_tokens_per_problem": tot.prompt_tokens / n if n else 0.0,
+        "reward_tokens_per_problem": tot.reward_tokens / n if n else 0.0,
+        "prefix_cache_hit_rate": tot.cached_prompt_tokens / tot.prompt_tokens
+        if tot.prompt_tokens
+        else float("nan"),
+        "seconds": wall,
+        "overhead_share": max(0.0, (wall - model_s) / wall) if wall > 0 else float("nan"),
+        "reward_uses_reference": bool(getattr(reward, "uses_reference", False)),
+        **{k: v for k, v in stats.items()},
+        "mean_batch_per_call": stats["requests"] / stats["generator_calls"]
+        if stats["generator_calls"]
+        else 0.0,
+    }

@@ -1,0 +1,166 @@
+"""The search loop and the algorithms, on the planted-path fake world (tests/fakes.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mcts.config import SearchConfig
+from mcts.search import Search, SearchError, search
+from tests.fakes import RIGHT, FakeGenerator, FakePRM, problems
+
+ALGOS = ["mcts", "rest_mcts", "best_of_n", "self_consistency", "beam", "dvts"]
+
+
+def cfg(**kw) -> SearchConfig:
+    base = dict(
+        token_budget=120,
+        step_max_tokens=4,
+        solution_max_tokens=12,
+        min_step_tokens=2,
+        max_depth=3,
+        n_children=4,
+        samples_per_wave=4,
+        beam_width=2,
+        beam_expansions=3,
+    )
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+def test_mcts_finds_planted_path_that_greedy_misses():
+    probs = problems(8)
+    greedy = search(
+        probs,
+        FakeGenerator(),
+        FakePRM(),
+        cfg(algorithm="best_of_n", temperature=0.0, samples_per_wave=1, token_budget=12),
+    ).results
+    assert all(not r.correct for r in greedy)
+    assert all(r.selected_answer != RIGHT for r in greedy)
+    res = search(probs, FakeGenerator(), FakePRM(), cfg(algorithm="mcts")).results
+    acc = np.mean([r.correct for r in res])
+    assert acc >= 0.75, [r.selected_answer for r in res]
+    for r in res:
+        # the selected path is the planted one whenever the answer is right
+        sel = [d["text"] for _, d in sorted(r.tree.nodes(data=True)) if d["selected"]][1:]
+        if r.correct:
+            assert sel[:2] == ["beta", "beta"]
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_budget_respected_to_the_token(algo):
+    for budget in (13, 40, 97):
+        gen = FakeGenerator()
+        res = search(problems(5), gen, FakePRM(), cfg(algorithm=algo, token_budget=budget))
+        for r in res.results:
+            assert r.usage.generated_tokens <= budget
+            assert r.usage.generated_tokens > 0
+            # what the tree holds never exceeds what was paid for
+            held = sum(d["n_tokens"] for _, d in r.tree.nodes(data=True))
+            assert held <= r.usage.generated_tokens + r.tree.number_of_nodes()
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_same_seed_same_results(algo):
+    def run(seed):
+        res = search(problems(4), FakeGenerator(), FakePRM(), cfg(algorithm=algo, seed=seed))
+        return [
+            (r.selected_answer, r.usage.as_dict(), r.tree.number_of_nodes()) for r in res.results
+        ]
+
+    assert run(3) == run(3)
+
+
+def test_different_seed_changes_samples():
+    def sizes(seed):
+        res = search(problems(6), FakeGenerator(), FakePRM(), cfg(algorithm="mcts", seed=seed))
+        return [sorted(d["text"] for _, d in r.tree.nodes(data=True)) for r in res.results]
+
+    assert sizes(1) != sizes(2)
+
+
+def test_one_generator_call_per_wave_for_all_problems():
+    gen, prm = FakeGenerator(), FakePRM()
+    engine = Search(gen, prm, cfg(algorithm="mcts"))
+    engine.run(problems(7))
+    assert gen.batch_sizes[0] == 7  # the first wave expands every root in one call
+    assert engine.stats["generator_calls"] == engine.stats["waves"] == len(gen.batch_sizes)
+    assert prm.calls == engine.stats["reward_calls"] <= engine.stats["waves"]
+
+
+def test_self_consistency_makes_no_reward_calls():
+    prm = FakePRM()
+    res = search(problems(3), FakeGenerator(), prm, cfg(algorithm="self_consistency"))
+    assert prm.calls == 0
+    assert all(r.usage.reward_tokens == 0 for r in res.results)
+    # self-consistency needs no reward model at all
+    search(problems(2), FakeGenerator(), None, cfg(algorithm="self_consistency"))
+    with pytest.raises(ValueError, match="needs a reward"):
+        search(problems(2), FakeGenerator(), None, cfg(algorithm="mcts"))
+
+
+def test_reward_nan_is_an_error_naming_reward_and_item():
+    with pytest.raises(SearchError, match=r"FakePRM.*item"):
+        search(problems(2), FakeGenerator(), FakePRM(bad_value=float("nan")), cfg())
+    with pytest.raises(SearchError, match="FakePRM"):
+        search(problems(2), FakeGenerator(), FakePRM(bad_value=1.5), cfg())
+
+
+def test_generator_failure_mid_wave_is_reported():
+    with pytest.raises(SearchError, match="generator failed in wave"):
+        search(problems(2), FakeGenerator(fail_on_call=3), FakePRM(), cfg())
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="problems is empty"):
+        search([], FakeGenerator(), FakePRM(), cfg())
+    with pytest.raises(ValueError, match="token_budget"):
+        cfg(token_budget=1)
+    with pytest.raises(ValueError, match="algorithm"):
+        cfg(algorithm="astar")
+    with pytest.raises(ValueError, match="unknown key"):
+        SearchConfig.from_dict({"n_childs": 3})
+    p = problems(2)
+    with pytest.raises(ValueError, match="unique"):
+        search([p[0], p[0]], FakeGenerator(), FakePRM(), cfg())
+
+
+def test_value_targets_and_pass_at_k():
+    res = search(problems(4), FakeGenerator(), FakePRM(), cfg(algorithm="mcts"))
+    for r in res.results:
+        g = r.tree
+        terms = [n for n, d in g.nodes(data=True) if d["terminal"] and d["correct"] is not None]
+        assert r.pass_at_k == any(g.nodes[n]["correct"] for n in terms)
+        # mc target of a terminal is its own correctness; of the root, the mean over terminals
+        for n in terms:
+            assert g.nodes[n]["value_target"] == float(g.nodes[n]["correct"])
+        w = [g.nodes[n]["count"] for n in terms]
+        c = [g.nodes[n]["count"] * g.nodes[n]["correct"] for n in terms]
+        assert math.isclose(g.nodes[0]["value_target"], sum(c) / sum(w))
+        for _, d in g.nodes(data=True):
+            v = d["value_target"]
+            assert math.isnan(v) or 0.0 <= v <= 1.0
+
+
+def test_rest_value_targets_rise_on_correct_paths():
+    res = search(problems(4), FakeGenerator(), FakePRM(), cfg(algorithm="rest_mcts"))
+    for r in res.results:
+        g = r.tree
+        for _n, d in g.nodes(data=True):
+            if d["terminal"] and d["correct"]:
+                assert d["value_target"] == pytest.approx(1.0)
+            if d["terminal"] and d["correct"] is False:
+                assert d["value_target"] == 0.0
+
+
+def test_visits_invariant_holds_after_search():
+    res = search(problems(3), FakeGenerator(), FakePRM(), cfg(algorithm="mcts"))
+    for r in res.results:
+        g = r.tree
+        for n in g.nodes:
+            kids = list(g.successors(n))
+            if kids:
+                assert g.nodes[n]["visits"] >= sum(g.nodes[k]["visits"] for k in kids)
