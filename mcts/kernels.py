@@ -379,20 +379,17 @@ def expand_kernel(
         k = counts[i]
         d = depth[b, nd] + 1
         o = child_off[i]
+        # Slots past size are all-zero (the Forest allocates zeros, reset re-zeroes what was
+        # used, failed calls write nothing), so visits, value_sum, n_children, vloss,
+        # pending and epoch of a new child are already 0: write only the rest.
         for j in range(k):
             c = f + j
             parent[b, c] = nd
             first_child[b, c] = -1
-            n_children[b, c] = 0
-            visits[b, c] = 0
-            value_sum[b, c] = 0.0
             prior[b, c] = priors[o + j]
             reward[b, c] = rewards[o + j]
             terminal[b, c] = terms[o + j]
             depth[b, c] = d
-            vloss[b, c] = 0
-            pending[b, c] = 0
-            epoch[b, c] = 0
         first_child[b, nd] = f
         n_children[b, nd] = k
     return OK, 0
