@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import re
@@ -180,6 +181,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backend", default="llama_cpp", help="generator backend for judge/rollout")
     ap.add_argument("--n-ctx", type=int, default=2048)
+    ap.add_argument("--n-threads", type=int, default=None, help="llama.cpp threads (None = all)")
     ap.add_argument("--rollout-k", type=int, default=2)
     ap.add_argument("--rollout-max-tokens", type=int, default=96)
     ap.add_argument("--prm", default=None, help="HF id or path of the PRM (prm_* rewards)")
@@ -198,6 +200,7 @@ def main() -> None:
         gcfg = {"backend": args.backend}
         if args.backend == "llama_cpp":
             gcfg["n_ctx"] = args.n_ctx
+            gcfg["n_threads"] = args.n_threads
         generator = make_generator(gcfg)
     cfgs = {
         "judge": {"name": "judge"},
@@ -242,6 +245,7 @@ def main() -> None:
         f"Data: champ-dataset v0, {len(samples)} of {total} annotated solutions "
         f"({n_err} with a first wrong step, {len(samples) - n_err} correct; <= {args.max_steps} "
         f"steps, <= {args.max_chars} chars), {len(items)} prefixes scored per reward, "
+        f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, "
         f"waves of {args.wave}. Threshold {args.threshold}.",
         "",
         "| reward | F1 | acc. erroneous | acc. correct | F1 @ oracle threshold (optimistic) | mean score | items/s | reward tokens |",

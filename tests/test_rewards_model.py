@@ -37,7 +37,7 @@ def test_judge_on_embedded_model(generator) -> None:
 
 
 def test_rollout_on_embedded_model(generator) -> None:
-    roll = MCRollout(generator, k=2, max_tokens=24, temperature=0.8, seed=1)
+    roll = MCRollout(generator, k=2, max_tokens=16, temperature=0.8, seed=1)
     items = [
         ScoreItem(Q, ("We add 3 and 4.",), reference="7"),
         ScoreItem(Q, ("3 + 4 = 7. The answer is 7.",), reference="7", terminal=True),
