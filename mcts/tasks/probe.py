@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,12 @@ def probe(
     temperature: float = 0.8,
     max_tokens: int = 256,
     seed: int = 0,
+    on_greedy: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Greedy accuracy, per-sample accuracy and pass@`samples` over `problems`."""
+    """Greedy accuracy, per-sample accuracy and pass@`samples` over `problems`.
+
+    `on_greedy` receives the greedy figures as soon as they are known (sampling is slower).
+    """
     if samples < 0:
         raise ValueError(f"samples must be >= 0, got {samples}")
     t0 = time.perf_counter()
@@ -43,6 +47,18 @@ def probe(
         for p in problems
     ]
     greedy = generator.generate(greedy_reqs)
+    greedy_ok = [
+        is_correct(extract_answer(g.steps[0].text), p)
+        for p, g in zip(problems, greedy, strict=True)
+    ]
+    if on_greedy is not None:
+        on_greedy(
+            {
+                "problems": len(problems),
+                "greedy_correct": sum(greedy_ok),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
     sampled = (
         generator.generate(
             [
@@ -61,8 +77,8 @@ def probe(
         else [None] * len(problems)
     )
     n_greedy = n_pass = n_correct_samples = n_samples = 0
-    for p, g, s in zip(problems, greedy, sampled, strict=True):
-        n_greedy += is_correct(extract_answer(g.steps[0].text), p)
+    for p, ok, s in zip(problems, greedy_ok, sampled, strict=True):
+        n_greedy += ok
         if s is not None:
             oks = [is_correct(extract_answer(st.text), p) for st in s.steps]
             counts = [st.count for st in s.steps]
@@ -95,6 +111,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=0, help="task seed")
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--backend", default="llama_cpp")
+    ap.add_argument(
+        "--n-threads", type=int, default=None, help="llama.cpp threads (1 on a busy machine)"
+    )
+    ap.add_argument("--max-tokens", type=int, default=256)
     a = ap.parse_args(argv)
     cfg = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{a.task}.yaml"))
     cfg.update(size=a.size, seed=a.seed)
