@@ -1,0 +1,153 @@
+"""The real embedded model (SmolLM2-135M-Instruct Q4_1) through llama.cpp. Few, short tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+from mcts.generators.base import GenerationError, PromptTooLongError, log_softmax  # noqa: E402
+from mcts.generators.llama_cpp import LlamaCppConfig, LlamaCppGenerator  # noqa: E402
+from mcts.prompts import problem_messages  # noqa: E402
+from mcts.types import ContinuationRequest, StepRequest  # noqa: E402
+
+pytestmark = pytest.mark.model
+
+QUESTIONS = [
+    "What is 3 + 4?",
+    "Tom has 3 apples and buys 2 more. How many apples does he have?",
+    "What is 9 - 5?",
+]
+
+
+@pytest.fixture(scope="module")
+def gen() -> LlamaCppGenerator:
+    # One thread: on a busy 2-core box llama.cpp's spinning thread barriers cost ~10x.
+    return LlamaCppGenerator(LlamaCppConfig(n_ctx=1024, seed=0, n_threads=1))
+
+
+@pytest.fixture(scope="module")
+def wave_out(gen: LlamaCppGenerator):
+    return gen.generate(_wave())
+
+
+def _wave() -> list[StepRequest]:
+    reqs = [
+        StepRequest(problem_messages(q), n=2, seed=100 + i, max_tokens=24)
+        for i, q in enumerate(QUESTIONS)
+    ]
+    reqs.append(
+        StepRequest(
+            problem_messages(QUESTIONS[0]),
+            prefix="First, look at the numbers.\n\n",
+            n=2,
+            seed=7,
+            max_tokens=24,
+        )
+    )
+    return reqs
+
+
+def test_wave_from_several_problems(gen: LlamaCppGenerator, wave_out) -> None:
+    reqs = _wave()
+    out = wave_out
+    assert len(out) == len(reqs)
+    for r, g in zip(reqs, out, strict=True):
+        assert sum(s.count for s in g.steps) == r.n
+        # Accounting: prompt tokens are what the model's tokenizer counts for the rendered prompt.
+        n_prompt = len(
+            gen.llm.tokenize(gen.render(r.messages, r.prefix).encode(), add_bos=False, special=True)
+        )
+        assert g.usage.prompt_tokens == n_prompt
+        assert 0 <= g.usage.cached_prompt_tokens < n_prompt
+        assert g.usage.generated_tokens >= sum(s.n_tokens for s in g.steps)
+        for s in g.steps:
+            assert s.text
+            assert s.finish in ("step", "eos") or (
+                s.finish == "length" and s.n_tokens == r.max_tokens
+            )
+            if s.finish == "step":
+                assert "\n\n" not in s.text
+            assert len(s.token_logprobs) == s.n_tokens >= 1
+            assert np.isfinite(s.token_logprobs).all() and max(s.token_logprobs) <= 0.0
+            assert s.logprob == pytest.approx(sum(s.token_logprobs))
+    assert sum(g.usage.calls for g in out) == 1
+    # The 4th request extends the 1st's prompt: it is served right after it, from the cache.
+    assert out[3].usage.cached_prompt_tokens >= out[0].usage.prompt_tokens - 1
+
+
+def test_same_seed_same_steps_whatever_the_order(gen: LlamaCppGenerator, wave_out) -> None:
+    reqs = _wave()
+    a = wave_out
+    b = gen.generate(reqs[::-1])[::-1]
+    for ga, gb in zip(a, b, strict=True):
+        assert [(s.text, s.token_ids, s.count) for s in ga.steps] == [
+            (s.text, s.token_ids, s.count) for s in gb.steps
+        ]
+
+
+def test_logprobs_match_a_fresh_evaluation(gen: LlamaCppGenerator) -> None:
+    r = StepRequest(problem_messages(QUESTIONS[1]), n=1, seed=3, max_tokens=12)
+    (g,) = gen.generate([r])
+    step = g.steps[0]
+    prompt = gen.encode(gen.render(r.messages))
+    gen.llm.reset()  # evaluate from scratch, token by token, and compare
+    want = []
+    for k, tok in enumerate(step.token_ids):
+        logits, _ = gen._eval_prompt(prompt + list(step.token_ids[:k]))
+        want.append(float(log_softmax(logits)[tok]))
+    np.testing.assert_allclose(step.token_logprobs, want, atol=1e-3)
+
+
+def test_to_end_and_logprob_of(gen: LlamaCppGenerator) -> None:
+    (g,) = gen.generate(
+        [StepRequest(problem_messages(QUESTIONS[0]), n=1, seed=1, max_tokens=16, to_end=True)]
+    )
+    assert g.steps[0].finish in ("eos", "length")
+    vals, usages = gen.logprob_of(
+        [
+            ContinuationRequest(problem_messages("Is 3 + 4 = 7? Answer Yes or No.")),
+            ContinuationRequest(
+                problem_messages("Is 3 + 4 = 9? Answer Yes or No."), continuations=("Yes", "No")
+            ),
+        ]
+    )
+    assert vals.shape == (2, 2) and np.isfinite(vals).all() and (vals < 0).all()
+    assert usages[0].calls == 1 and usages[0].prompt_tokens > 2
+
+
+def test_bad_inputs(gen: LlamaCppGenerator, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="model_path"):
+        LlamaCppGenerator(LlamaCppConfig(model_path=str(tmp_path / "missing.gguf")))
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all")
+    with pytest.raises(ValueError, match="could not be loaded"):
+        LlamaCppGenerator(LlamaCppConfig(model_path=str(junk)))
+    long_q = "apples and pears " * 400
+    with pytest.raises(PromptTooLongError, match=r"requests\[1\].*n_ctx=1024"):
+        gen.generate([StepRequest(problem_messages("Hi?")), StepRequest(problem_messages(long_q))])
+    with pytest.raises(ValueError, match=r"requests\[0\]\.n"):
+        gen.generate([StepRequest(problem_messages("Hi?"), n=0)])
+
+
+def test_backend_error_mid_wave_is_one_error(gen: LlamaCppGenerator, monkeypatch) -> None:
+    calls = {"n": 0}
+    real = gen.llm.eval
+
+    def flaky(tokens):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("llama_decode returned 1")
+        return real(tokens)
+
+    monkeypatch.setattr(gen.llm, "eval", flaky)
+    reqs = [StepRequest(problem_messages(q), n=2, seed=1, max_tokens=8) for q in QUESTIONS]
+    with pytest.raises(GenerationError, match=r"requests\[\d\].*llama_decode") as info:
+        gen.generate(reqs)
+    assert info.value.request_index in (0, 1, 2)
+    monkeypatch.undo()
+    # The generator stays usable after a failed wave.
+    assert len(gen.generate(reqs[:1])[0].steps) >= 1
