@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import signal
 import threading
@@ -40,9 +41,26 @@ ROOT = Path(__file__).resolve().parents[1]
 CFG = SearchConfig(token_budget=48, step_max_tokens=8, n_children=3, max_live_trees=4)
 
 
+def _canon(v):
+    return "nan" if isinstance(v, float) and math.isnan(v) else v
+
+
+def tree_key(g) -> tuple:
+    """Every node and edge attribute of a tree (NaN-safe), without its slot in the batch."""
+    nodes = sorted((n, sorted((k, _canon(v)) for k, v in d.items())) for n, d in g.nodes(data=True))
+    graph = sorted((k, _canon(v)) for k, v in g.graph.items() if k != "tree")
+    return nodes, sorted(g.edges()), graph
+
+
 def rows(results) -> dict[str, dict]:
-    """Per-problem records without wall time (the one field that is never reproducible)."""
-    return {r.problem.id: {k: v for k, v in r.row().items() if k != "seconds"} for r in results}
+    """Per-problem records and whole trees, without wall time (never reproducible)."""
+    return {
+        r.problem.id: {
+            **{k: v for k, v in r.row().items() if k != "seconds"},
+            "tree": tree_key(r.tree),
+        }
+        for r in results
+    }
 
 
 def log_ids(run_dir: Path) -> list[str]:
@@ -182,6 +200,40 @@ def test_workers_zero_is_the_single_process_search(tmp_path):
     res = distributed_search(problems(5), FakeGenerator, FakePRM, CFG, tmp_path, workers=0)
     assert rows(res.results) == rows(ref.results)
     assert sorted(log_ids(tmp_path)) == sorted(rows(ref.results))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "distributed").glob("*.yaml")))
+def test_distributed_configs_are_valid(path):
+    from omegaconf import OmegaConf
+
+    cfg = DistributedConfig.from_dict(OmegaConf.to_container(OmegaConf.load(path)))
+    assert (cfg.workers == 0) == (path.stem == "off")
+
+
+LAUNCHERS = {
+    "parallel_local": ("hydra_joblib_launcher", "JoblibLauncher"),
+    "slurm": ("hydra_submitit_launcher", "SlurmLauncher"),
+    "submitit_local_test": ("hydra_submitit_launcher", "LocalLauncher"),
+    "ray_local": ("hydra_ray_launcher", "RayLauncher"),
+    "ray_cluster": ("hydra_ray_launcher", "RayLauncher"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHERS))
+def test_launcher_configs_compose_with_the_app(name):
+    import importlib.util
+
+    plugin, cls = LAUNCHERS[name]
+    if importlib.util.find_spec(f"hydra_plugins.{plugin}") is None:
+        pytest.skip(f"{plugin} is not installed")
+    from hydra import compose, initialize_config_dir
+
+    import mcts.run  # noqa: F401  (registers the app's schema)
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={name}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(cls)
+    assert (ROOT / "configs" / "hydra" / "launcher" / f"{name}.yaml").exists()
 
 
 # -- one local Ray session for the rest of the module ---------------------------------------

@@ -247,6 +247,7 @@ def _run_ray(problems, gen_spec, reward_spec, cfg, dcfg: DistributedConfig, reco
     size = dcfg.chunk_size or default_chunk_size(len(problems), dcfg.workers, cfg)
     ledger = ChunkLedger(make_chunks(problems, size))
     n_workers = min(dcfg.workers, len(ledger.waiting))
+    t_start = time.perf_counter()
     owned = _start_ray(ray, dcfg)
     actor_cls = ray.remote(_RemoteWorker).options(
         num_cpus=dcfg.worker_cpus,
@@ -268,6 +269,7 @@ def _run_ray(problems, gen_spec, reward_spec, cfg, dcfg: DistributedConfig, reco
         except rex.RayError as e:
             raise DistributedError(f"a worker failed to start (building its models): {e}") from e
         uses_ref = any(i["reward_uses_reference"] for i in infos)
+        startup = time.perf_counter() - t_start
         log.info("%d workers up: %s", n_workers, ", ".join(i["name"] for i in infos))
         if progress:
             from tqdm.auto import tqdm
@@ -345,6 +347,8 @@ def _run_ray(problems, gen_spec, reward_spec, cfg, dcfg: DistributedConfig, reco
         "redealt_chunks": ledger.redealt,
         "worker_restarts": restarts,
         "address": dcfg.address,
+        # ray.init (when started here) + starting the actors + building their models.
+        "startup_seconds": startup,
         "worker_seconds": stats.worker_seconds,
         # Ray's cost per chunk: the driver's round trip minus the time spent in the worker.
         "overhead_per_chunk_s": (stats.round_trip_seconds - stats.worker_seconds) / stats.chunks
