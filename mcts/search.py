@@ -481,6 +481,8 @@ def search(
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise ValueError(f"problem ids must be unique; duplicated: {dup}")
+    if reward is not None and hasattr(reward, "check_problems"):
+        reward.check_problems(problems)  # e.g. a verifier without reference answers: fail now
     log = None
     if run_dir is not None:
         from mcts.export import ResultsLog, check_writable
@@ -488,7 +490,7 @@ def search(
         run_dir = Path(run_dir)
         check_writable(run_dir)
         log = ResultsLog(run_dir)
-        done = log.done_ids()
+        done = log.done_ids(cfg.algorithm)
         problems = [p for p in problems if p.id not in done]
 
     def on_result(res: ProblemResult) -> None:
@@ -499,7 +501,13 @@ def search(
     t0 = time.perf_counter()
     results = engine.run(problems)
     wall = time.perf_counter() - t0
-    summary = summarize(results, engine.stats, wall, reward)
+    # With a run dir the figures cover every problem in it, earlier (resumed) runs included.
+    if log is not None:
+        rows = [r for r in log.rows() if r.get("algorithm") == cfg.algorithm]
+    else:
+        rows = [r.row() for r in results]
+    summary = summarize(rows, engine.stats, wall, reward)
+    summary["searched_now"] = len(results)
     if run_dir is not None:
         from mcts.export import write_exports
 
@@ -508,27 +516,33 @@ def search(
 
 
 def summarize(
-    results: Sequence[ProblemResult], stats: dict, wall: float, reward: Reward | None = None
+    rows: Sequence[dict[str, Any]], stats: dict, wall: float, reward: Reward | None = None
 ) -> dict[str, Any]:
-    n = len(results)
-    tot = Usage()
-    for r in results:
-        tot += r.usage
+    """Run figures from results.jsonl-style rows (ProblemResult.row()).
+
+    Accuracy counts the ONE selected answer per problem; pass@k (any terminal right) is
+    reported beside it and never as accuracy.
+    """
+    n = len(rows)
+
+    def mean(key: str) -> float:
+        return sum(float(r[key]) for r in rows) / n if n else float("nan")
+
+    prompt = sum(r["tokens_prompt_tokens"] for r in rows)
+    cached = sum(r["tokens_cached_prompt_tokens"] for r in rows)
     model_s = stats["generator_seconds"] + stats["reward_seconds"]
     return {
         "problems": n,
-        "accuracy": (sum(r.correct for r in results) / n) if n else float("nan"),
-        "pass_at_k": (sum(r.pass_at_k for r in results) / n) if n else float("nan"),
-        "generated_tokens_per_problem": tot.generated_tokens / n if n else 0.0,
-        "prompt_tokens_per_problem": tot.prompt_tokens / n if n else 0.0,
-        "reward_tokens_per_problem": tot.reward_tokens / n if n else 0.0,
-        "prefix_cache_hit_rate": tot.cached_prompt_tokens / tot.prompt_tokens
-        if tot.prompt_tokens
-        else float("nan"),
+        "accuracy": mean("correct"),
+        "pass_at_k": mean("pass_at_k"),
+        "generated_tokens_per_problem": mean("tokens_generated_tokens"),
+        "prompt_tokens_per_problem": mean("tokens_prompt_tokens"),
+        "reward_tokens_per_problem": mean("tokens_reward_tokens"),
+        "prefix_cache_hit_rate": cached / prompt if prompt else float("nan"),
         "seconds": wall,
         "overhead_share": max(0.0, (wall - model_s) / wall) if wall > 0 else float("nan"),
-        "reward_uses_reference": bool(getattr(reward, "uses_reference", False)),
-        **{k: v for k, v in stats.items()},
+        "reward_uses_reference": bool(getattr(reward, "requires_reference", False)),
+        **stats,
         "mean_batch_per_call": stats["requests"] / stats["generator_calls"]
         if stats["generator_calls"]
         else 0.0,

@@ -107,7 +107,7 @@ class FakeGenerator:
 class FakePRM:
     """Scores a step 0.9 if the path so far follows the planted path, else 0.2."""
 
-    uses_reference = False
+    requires_reference = False
 
     def __init__(self, bad_value: float | None = None) -> None:
         self.calls = 0

@@ -164,3 +164,30 @@ def test_visits_invariant_holds_after_search():
             kids = list(g.successors(n))
             if kids:
                 assert g.nodes[n]["visits"] >= sum(g.nodes[k]["visits"] for k in kids)
+
+
+def test_run_dir_outputs_and_resume_after_crash(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    probs = problems(6)
+    c = cfg(algorithm="mcts", max_live_trees=1)  # problems finish one at a time
+    # The generator dies during the 4th problem: the first three are already on disk.
+    with pytest.raises(SearchError):
+        search(probs, FakeGenerator(fail_on_call=40), FakePRM(), c, run_dir=tmp_path)
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert 0 < len(lines) < 6
+    first = {json.loads(x)["id"] for x in lines}
+    res = search(probs, FakeGenerator(), FakePRM(), c, run_dir=tmp_path)
+    assert {r.problem.id for r in res.results}.isdisjoint(first)  # finished ones skipped
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(p.id for p in probs)  # N unique, no dups
+    assert res.summary["problems"] == 6
+    for name in ("traces.parquet", "pairs_dpo.parquet", "stepwise.parquet"):
+        assert (tmp_path / name).exists()
+    traces = pq.read_table(tmp_path / "traces.parquet").to_pandas()
+    assert set(traces["problem_id"]) == {p.id for p in probs}
+    # a third run has nothing left to do and changes nothing
+    again = search(probs, FakeGenerator(), FakePRM(), c, run_dir=tmp_path)
+    assert again.results == [] and again.summary["problems"] == 6
