@@ -207,7 +207,7 @@ def test_distributed_configs_are_valid(path):
     from omegaconf import OmegaConf
 
     cfg = DistributedConfig.from_dict(OmegaConf.to_container(OmegaConf.load(path)))
-    assert (cfg.workers == 0) == (path.stem == "off")
+    assert (cfg.workers == 0) == (path.stem == "single")
 
 
 LAUNCHERS = {
@@ -356,6 +356,18 @@ def test_worker_errors_stop_the_run_with_the_cause(ray_session, tmp_path):
             CFG,
             workers=1,
         )
+
+
+def test_run_search_dispatches_like_the_app(ray_session, tmp_path):
+    """The Hydra app's entry: sharded when distributed.workers > 0, and no reward for
+    self_consistency (as the single-process app does)."""
+    from mcts.distributed import run_search
+
+    cfg = SearchConfig(**{**CFG.__dict__, "algorithm": "self_consistency", "samples_per_wave": 2})
+    ref = search(problems(3), FakeGenerator(), None, cfg)
+    res = run_search(problems(3), FakeGenerator, FakePRM, cfg, tmp_path, {"workers": 1})
+    assert rows(res.results) == rows(ref.results)
+    assert res.summary["distributed"]["workers"] == 1 and res.summary["reward_calls"] == 0
 
 
 @pytest.mark.model

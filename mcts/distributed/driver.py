@@ -28,7 +28,7 @@ from mcts.distributed.config import DistributedConfig
 from mcts.distributed.factories import Spec, build_generator, build_reward, check_spec
 from mcts.distributed.worker import ChunkOutput, SearchWorker
 from mcts.results import ProblemResult
-from mcts.search import Search, SearchResult, summarize
+from mcts.search import SearchResult, summarize
 from mcts.types import Problem
 
 log = logging.getLogger("mcts.distributed")
@@ -134,7 +134,7 @@ def distributed_search(
         run_dir = Path(run_dir)
         check_writable(run_dir)  # before any model loads
         results_log = ResultsLog(run_dir)
-        done = results_log.done_ids()
+        done = results_log.done_ids(cfg.algorithm)
         problems = [p for p in problems if p.id not in done]
 
     collected: list[ProblemResult] = []
@@ -147,7 +147,9 @@ def distributed_search(
             on_result(res)
 
     t0 = time.perf_counter()
-    if dcfg.workers == 0 or not problems:
+    if not problems:  # everything is in results.jsonl already
+        stats, uses_ref, extra = _empty_stats(), False, {}
+    elif dcfg.workers == 0:
         stats, uses_ref, extra = _run_local(problems, gen_spec, reward_spec, cfg, record, progress)
     else:
         stats, uses_ref, extra = _run_ray(
@@ -157,8 +159,14 @@ def distributed_search(
 
     order = {p.id: i for i, p in enumerate(problems)}
     collected.sort(key=lambda r: order[r.problem.id])
-    summary = summarize(collected, stats, wall)
+    # As search(): with a run dir the figures cover every problem in it (resumed runs too).
+    if results_log is not None:
+        rows = [r for r in results_log.rows() if r.get("algorithm") == cfg.algorithm]
+    else:
+        rows = [r.row() for r in collected]
+    summary = summarize(rows, stats, wall)
     summary["reward_uses_reference"] = uses_ref
+    summary["searched_now"] = len(collected)
     if extra:
         # Worker time outside model calls (idle waiting for a chunk included).
         worker_time = wall * extra["workers"]
@@ -186,21 +194,11 @@ def _empty_stats() -> dict[str, float]:
 
 
 def _run_local(problems, gen_spec, reward_spec, cfg, record, progress):
-    if not problems:
-        return _empty_stats(), False, {}
-    generator = build_generator(gen_spec)
-    reward = build_reward(reward_spec, generator)
-    engine = Search(generator, reward, cfg, on_result=record, progress=progress)
-    engine.run(problems)
-    return engine.stats, bool(getattr(reward, "uses_reference", False)), {}
-
-
-class _RemoteWorker(SearchWorker):
-    def info(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "reward_uses_reference": bool(getattr(self.reward, "uses_reference", False)),
-        }
+    worker = SearchWorker(gen_spec, reward_spec, cfg)
+    worker.check_problems(problems)
+    worker.engine.on_result, worker.engine.progress = record, progress
+    worker.engine.run(problems)
+    return worker.engine.stats, worker.info()["reward_uses_reference"], {}
 
 
 def _start_ray(ray: Any, dcfg: DistributedConfig) -> bool:
@@ -249,7 +247,7 @@ def _run_ray(problems, gen_spec, reward_spec, cfg, dcfg: DistributedConfig, reco
     n_workers = min(dcfg.workers, len(ledger.waiting))
     t_start = time.perf_counter()
     owned = _start_ray(ray, dcfg)
-    actor_cls = ray.remote(_RemoteWorker).options(
+    actor_cls = ray.remote(SearchWorker).options(
         num_cpus=dcfg.worker_cpus,
         num_gpus=dcfg.worker_gpus,
         max_restarts=0,  # the driver replaces dead workers itself and re-deals their chunk
@@ -269,6 +267,10 @@ def _run_ray(problems, gen_spec, reward_spec, cfg, dcfg: DistributedConfig, reco
         except rex.RayError as e:
             raise DistributedError(f"a worker failed to start (building its models): {e}") from e
         uses_ref = any(i["reward_uses_reference"] for i in infos)
+        try:  # the reward's pre-flight check, once, before any chunk is dealt
+            ray.get(actors[0].check_problems.remote(problems))
+        except rex.RayTaskError as e:
+            raise DistributedError(f"the reward rejected the problems: {e}") from e
         startup = time.perf_counter() - t_start
         log.info("%d workers up: %s", n_workers, ", ".join(i["name"] for i in infos))
         if progress:

@@ -42,9 +42,21 @@ class SearchWorker:
         self.engine = Search(self.generator, self.reward, cfg)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
-    def ping(self) -> str:
+    def info(self) -> dict[str, Any]:
         """Returns once the models are built (the driver waits on it to surface load errors)."""
-        return self.name
+        from mcts.search import summarize
+
+        zero = dict.fromkeys(self.engine.stats, 0)
+        return {
+            "name": self.name,
+            # Whatever rule search() uses to flag an oracle-guided reward, applied here.
+            "reward_uses_reference": summarize([], zero, 1.0, self.reward)["reward_uses_reference"],
+        }
+
+    def check_problems(self, problems: Sequence[Problem]) -> None:
+        """The reward's own pre-flight check (e.g. a verifier without reference answers)."""
+        if self.reward is not None and hasattr(self.reward, "check_problems"):
+            self.reward.check_problems(list(problems))
 
     def run_chunk(self, chunk_id: int, problems: Sequence[Problem]) -> ChunkOutput:
         received = time.time()
