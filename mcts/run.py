@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from mcts.config import SearchConfig
+from mcts.distributed.config import DistributedConfig
 
 log = logging.getLogger("mcts.run")
 
@@ -30,6 +31,7 @@ class RunConfig:
     generator: dict[str, Any] = field(default_factory=dict)
     reward: dict[str, Any] = field(default_factory=dict)
     task: dict[str, Any] = field(default_factory=dict)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     progress: bool = True
     draw_tree: bool = True
 
@@ -74,28 +76,29 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def run(cfg: DictConfig | RunConfig, run_dir: str | Path) -> dict[str, Any]:
     """Everything `main` does, callable without Hydra's decorator (tests, notebooks)."""
-    from mcts.generators.factory import make_generator
-    from mcts.search import search
+    from mcts.distributed import run_search
     from mcts.tasks import load_task
-    from rewards.factory import make_reward
 
     if isinstance(cfg, DictConfig):
         scfg: SearchConfig = OmegaConf.to_object(cfg.search)  # type: ignore[assignment]
         gcfg = OmegaConf.to_container(cfg.generator, resolve=True)
         rcfg = OmegaConf.to_container(cfg.reward, resolve=True)
         tcfg = OmegaConf.to_container(cfg.task, resolve=True)
+        dcfg: DistributedConfig = OmegaConf.to_object(cfg.distributed)  # type: ignore[assignment]
         progress, draw = bool(cfg.progress), bool(cfg.draw_tree)
     else:
         scfg, gcfg, rcfg, tcfg = cfg.search, cfg.generator, cfg.reward, cfg.task
-        progress, draw = cfg.progress, cfg.draw_tree
+        dcfg, progress, draw = cfg.distributed, cfg.progress, cfg.draw_tree
     run_dir = Path(run_dir)
     from mcts.export import check_writable
 
     check_writable(run_dir)  # before any model loads
     problems = load_task(tcfg)
-    generator = make_generator(gcfg)
-    reward = None if scfg.algorithm == "self_consistency" else make_reward(rcfg, generator)
-    res = search(problems, generator, reward, scfg, run_dir=run_dir, progress=progress)
+    # workers=0 (distributed=single): the plain single-process search() with models built
+    # by the same factories; otherwise sharded over Ray workers that each build their own.
+    res = run_search(
+        problems, gcfg, rcfg, scfg, run_dir=run_dir, distributed=dcfg, progress=progress
+    )
     summary = res.summary
     if draw and res.results:
         from mcts.export import draw_tree

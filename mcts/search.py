@@ -501,6 +501,8 @@ def search(
     t0 = time.perf_counter()
     results = engine.run(problems)
     wall = time.perf_counter() - t0
+    order = {p.id: i for i, p in enumerate(problems)}
+    results.sort(key=lambda r: order[r.problem.id])  # input order (they finish in any order)
     # With a run dir the figures cover every problem in it, earlier (resumed) runs included.
     if log is not None:
         rows = [r for r in log.rows() if r.get("algorithm") == cfg.algorithm]

@@ -191,3 +191,15 @@ def test_run_dir_outputs_and_resume_after_crash(tmp_path):
     # a third run has nothing left to do and changes nothing
     again = search(probs, FakeGenerator(), FakePRM(), c, run_dir=tmp_path)
     assert again.results == [] and again.summary["problems"] == 6
+
+
+def test_dirichlet_noise_does_not_depend_on_batch_company():
+    def priors(batch):
+        c = cfg(algorithm="mcts", dirichlet_alpha=0.3, max_live_trees=batch, token_budget=16)
+        res = search(problems(5), FakeGenerator(), FakePRM(), c).results
+        return [[round(r.tree.nodes[k]["prior"], 12) for k in r.tree.successors(0)] for r in res]
+
+    a, b = priors(5), priors(1)
+    assert a == b
+    plain = search(problems(5), FakeGenerator(), FakePRM(), cfg(token_budget=16)).results
+    assert a != [[round(r.tree.nodes[k]["prior"], 12) for k in r.tree.successors(0)] for r in plain]

@@ -33,7 +33,6 @@ class MCTSPolicy:
         self.rule = "uct" if self.rest else cfg.rule
         self.selection = "value" if self.rest else cfg.answer_selection
         self.fpu: str | float = cfg.fpu if cfg.fpu == "parent" else float(cfg.fpu)
-        self.rng = np.random.default_rng(cfg.seed)
         self.noised: set[int] = set()
 
     def start(self, state: BatchState) -> None:
@@ -74,16 +73,18 @@ class MCTSPolicy:
             vals = np.nan_to_num(f.reward[tr, nd], nan=0.0)
             f.backup(tr, nd, vals)
         if self.cfg.dirichlet_alpha > 0:
-            fresh = [
-                c.expansion.tree
-                for c in children
-                if c.expansion.node == 0 and c.expansion.tree not in self.noised
-            ]
-            if fresh:
-                f.add_dirichlet_noise(
-                    np.array(fresh), self.cfg.dirichlet_alpha, self.cfg.dirichlet_eps, self.rng
-                )
-                self.noised.update(fresh)
+            # Each root's noise comes from its own problem's seed, so it does not depend on
+            # which problems share the batch (or the Ray worker).
+            from mcts.search import _seed
+
+            for c in children:
+                t = c.expansion.tree
+                if c.expansion.node == 0 and t not in self.noised:
+                    rng = np.random.default_rng(_seed(self.cfg.seed, state.problems[t].id, 0, -1))
+                    f.add_dirichlet_noise(
+                        np.array([t]), self.cfg.dirichlet_alpha, self.cfg.dirichlet_eps, rng
+                    )
+                    self.noised.add(t)
 
     def done(self, state: BatchState, tree: int) -> bool:
         f = state.forest
