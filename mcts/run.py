@@ -60,6 +60,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"seconds                  {summary['seconds']:.1f}"
         f"  (outside model calls: {pct(summary['overhead_share'])})",
     ]
+    chk = summary.get("answer_checks") or {}
+    if chk.get("timeouts") or chk.get("errors"):
+        lines.append(
+            f"answer checks            {chk['timeouts']} timed out, {chk['errors']} failed "
+            "(scored as incorrect)"
+        )
     ex = summary.get("exports") or {}
     if ex:
         lines.append(

@@ -510,6 +510,10 @@ def search(
         rows = [r.row() for r in results]
     summary = summarize(rows, engine.stats, wall, reward)
     summary["searched_now"] = len(results)
+    from mcts.answers import VERIFY_STATS
+
+    # answer checks of this process (timeouts and errors were scored as incorrect)
+    summary["answer_checks"] = VERIFY_STATS.as_dict()
     if run_dir is not None:
         from mcts.export import write_exports
 
