@@ -86,7 +86,8 @@ def run(cfg: DictConfig | RunConfig, run_dir: str | Path) -> dict[str, Any]:
     from mcts.tasks import load_task
 
     if isinstance(cfg, DictConfig):
-        scfg: SearchConfig = OmegaConf.to_object(cfg.search)  # type: ignore[assignment]
+        # from_dict: a key forced in with `+search.x=...` is rejected here by name too
+        scfg = SearchConfig.from_dict(OmegaConf.to_container(cfg.search, resolve=True))
         gcfg = OmegaConf.to_container(cfg.generator, resolve=True)
         rcfg = OmegaConf.to_container(cfg.reward, resolve=True)
         tcfg = OmegaConf.to_container(cfg.task, resolve=True)

@@ -1,0 +1,117 @@
+"""The Hydra app: config validation, and one real end-to-end run on the embedded model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from mcts.run import format_summary, run
+
+CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def test_default_config_composes_for_every_algorithm():
+    for algo in ("mcts", "rest_mcts", "best_of_n", "self_consistency", "beam", "dvts"):
+        cfg = _compose([f"search={algo}"])
+        assert cfg.search.algorithm == algo
+        s = OmegaConf.to_object(cfg.search)
+        assert s.token_budget > 0
+
+
+def test_unknown_key_and_wrong_type_are_rejected_with_the_key_named():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError), match="n_childs"):
+        _compose(["search.n_childs=3"])
+    with pytest.raises(ValueError, match="n_childs"):  # forced in with '+': caught by run()
+        run(_compose(["+search.n_childs=3"]), "/nonexistent/never-written")
+    with pytest.raises((ConfigCompositionException, ValidationError), match="token_budget"):
+        _compose(["search.token_budget=lots"])
+    cfg = _compose(["search.token_budget=2"])
+    with pytest.raises(ValueError, match="token_budget"):
+        OmegaConf.to_object(cfg.search)
+
+
+def test_unwritable_output_dir_fails_before_any_model_loads(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cfg = _compose(["task.size=2"])
+    with pytest.raises(OSError, match="file"):
+        run(cfg, blocker / "run")
+
+
+@pytest.mark.model
+def test_end_to_end_on_the_embedded_model(tmp_path):
+    import pyarrow.parquet as pq
+
+    cfg = _compose(
+        [
+            "task.size=2",
+            "search.token_budget=40",
+            "search.step_max_tokens=12",
+            "search.n_children=2",
+            "generator.n_threads=1",
+            "progress=false",
+        ]
+    )
+    summary = run(cfg, tmp_path)
+    assert summary["problems"] == 2
+    assert summary["generator_calls"] == summary["waves"]
+    assert 0.0 <= summary["accuracy"] <= summary["pass_at_k"] or summary["accuracy"] == 0
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["tokens_generated_tokens"] <= 40
+        for key in (
+            "id",
+            "question",
+            "reference",
+            "selected_answer",
+            "correct",
+            "pass_at_k",
+            "algorithm",
+            "tokens_prompt_tokens",
+            "tokens_cached_prompt_tokens",
+            "tokens_reward_tokens",
+            "seconds",
+            "tree_size",
+            "tree_depth",
+        ):
+            assert key in r
+    assert (tmp_path / "tree.png").stat().st_size > 1000
+    trees = list((tmp_path / "trees").rglob("*.json"))
+    assert len(trees) == 2
+    cols = {
+        "traces.parquet": {
+            "problem_id",
+            "steps",
+            "visits",
+            "q",
+            "reward",
+            "value_target",
+            "correct",
+        },
+        "pairs_dpo.parquet": {"prompt", "chosen", "rejected", "kind", "gap"},
+        "stepwise.parquet": {"prompt", "completions", "labels"},
+    }
+    for name, want in cols.items():
+        table = pq.read_table(tmp_path / name)
+        assert want <= set(table.column_names), (name, table.column_names)
+    pairs = pq.read_table(tmp_path / "pairs_dpo.parquet").to_pylist()
+    for p in pairs:
+        assert p["chosen"] != p["rejected"]
+        assert p["gap"] >= cfg.search.pair_margin - 1e-9
+        assert p["chosen_value"] - p["rejected_value"] == pytest.approx(p["gap"])
+    text = format_summary(summary)
+    assert "accuracy (selected)" in text and "pass@k" in text
+    assert not math.isnan(summary["seconds"])
