@@ -133,21 +133,81 @@ def test_bad_inputs(gen: LlamaCppGenerator, tmp_path: Path) -> None:
         gen.generate([StepRequest(problem_messages("Hi?"), n=0)])
 
 
-def test_backend_error_mid_wave_is_one_error(gen: LlamaCppGenerator, monkeypatch) -> None:
-    calls = {"n": 0}
-    real = gen.llm.eval
+@pytest.fixture(scope="module")
+def seq_gen() -> LlamaCppGenerator:
+    """The one-sequence-at-a-time path (batched=false), the reference for batched decoding."""
+    return LlamaCppGenerator(LlamaCppConfig(n_ctx=1024, seed=0, n_threads=1, batched=False))
 
-    def flaky(tokens):
+
+@pytest.mark.parametrize("mode", ["batched", "sequential"])
+def test_backend_error_mid_wave_is_one_error(
+    gen: LlamaCppGenerator, seq_gen: LlamaCppGenerator, mode: str, monkeypatch
+) -> None:
+    g = gen if mode == "batched" else seq_gen
+    target, name = (g._multi, "_decode") if mode == "batched" else (g.llm, "eval")
+    calls = {"n": 0}
+    real = getattr(target, name)
+
+    def flaky(*args):
         calls["n"] += 1
         if calls["n"] > 3:
             raise RuntimeError("llama_decode returned 1")
-        return real(tokens)
+        return real(*args)
 
-    monkeypatch.setattr(gen.llm, "eval", flaky)
+    monkeypatch.setattr(target, name, flaky)
     reqs = [StepRequest(problem_messages(q), n=2, seed=1, max_tokens=8) for q in QUESTIONS]
     with pytest.raises(GenerationError, match=r"requests\[\d\].*llama_decode") as info:
-        gen.generate(reqs)
+        gen.generate(reqs) if mode == "batched" else seq_gen.generate(reqs)
     assert info.value.request_index in (0, 1, 2)
     monkeypatch.undo()
-    # The generator stays usable after a failed wave.
-    assert len(gen.generate(reqs[:1])[0].steps) >= 1
+    # The generator stays usable after a failed wave, and gives what a fresh wave gives.
+    again = g.generate(reqs[:1])[0].steps
+    assert [s.token_ids for s in again] == [
+        s.token_ids for s in seq_gen.generate(reqs[:1])[0].steps
+    ]
+
+
+def test_batched_decoding_gives_the_single_sequence_samples(
+    seq_gen: LlamaCppGenerator,
+) -> None:
+    """Same seeds -> bit-identical samples and logprobs, batched or one sequence at a time.
+
+    Holds exactly (not approximately) because both contexts use flash attention and the batched
+    cache keeps every sequence's cells in position order. The small n_seq_max and n_ctx_total
+    force slot reuse (samples > slots) and whole-cache clears between requests.
+    """
+    small = LlamaCppGenerator(
+        LlamaCppConfig(n_ctx=256, n_threads=1, n_seq_max=3, n_ctx_total=256, seed=0)
+    )
+    reqs = [
+        StepRequest(problem_messages(QUESTIONS[0]), n=3, temperature=0.0, max_tokens=16),
+        StepRequest(problem_messages(QUESTIONS[1]), n=4, seed=11, max_tokens=16),
+        StepRequest(problem_messages(QUESTIONS[2]), n=2, seed=12, max_tokens=16, to_end=True),
+        StepRequest(
+            problem_messages(QUESTIONS[1]),
+            prefix="Tom starts with 3.\n\n",
+            n=3,
+            seed=13,
+            max_tokens=16,
+        ),
+    ]
+    a = small.generate(reqs)
+    b = seq_gen.generate(reqs)
+    assert small._multi.clears >= 1  # 256 cells cannot hold the whole wave
+    for ga, gb in zip(a, b, strict=True):
+        assert [(s.token_ids, s.token_logprobs, s.count, s.finish) for s in ga.steps] == [
+            (s.token_ids, s.token_logprobs, s.count, s.finish) for s in gb.steps
+        ]
+        assert ga.usage.generated_tokens == gb.usage.generated_tokens
+        assert ga.usage.prompt_tokens == gb.usage.prompt_tokens
+    # Greedy samples of one request are all the same step.
+    assert len(a[0].steps) == 1 and a[0].steps[0].count == 3
+
+
+def test_batched_config_errors() -> None:
+    with pytest.raises(ValueError, match="n_seq_max"):
+        LlamaCppGenerator(LlamaCppConfig(n_seq_max=0))
+    with pytest.raises(ValueError, match="n_ctx_total"):
+        LlamaCppGenerator(LlamaCppConfig(n_ctx=512, n_ctx_total=100))
+    with pytest.raises(TypeError, match="batched"):
+        LlamaCppGenerator(LlamaCppConfig(batched="yes"))  # type: ignore[arg-type]
