@@ -143,6 +143,7 @@ class Forest:
         self._rows = 0
         self._epoch = 0
         self._want_cache: dict[int, np.ndarray] = {}
+        self._fill_cache: dict[tuple[int, type], np.ndarray] = {}
         self.reset(int(n_trees))
 
     # ------------------------------------------------------------------ storage
@@ -160,6 +161,20 @@ class Forest:
         self._size = self._asize[:b]
         self._ones = np.ones(b, dtype=np.bool_)
         self._want_cache = {}
+
+    def _filled(self, n: int, value: float | bool) -> np.ndarray:
+        """A cached array of n copies of value (NaN rewards, False flags); kernels only read it.
+
+        Why: expand's defaults would otherwise allocate and fill two arrays every wave.
+        """
+        key = (n, type(value))
+        a = self._fill_cache.get(key)
+        if a is None:
+            if len(self._fill_cache) > 16:
+                self._fill_cache.clear()
+            a = np.full(n, value, dtype=np.bool_ if isinstance(value, bool) else np.float64)
+            self._fill_cache[key] = a
+        return a
 
     def _run(self, kernel: Any, *args: Any) -> Any:
         """Call a parallel kernel; with few trees on one thread.
@@ -364,6 +379,7 @@ class Forest:
             float(vl_value),
             fmode,
             fval,
+            numba.get_num_threads() if b >= PARALLEL_MIN_TREES else 1,
         )
 
     def expand(
@@ -391,9 +407,13 @@ class Forest:
             )
         total = int(ct.sum()) if ct.size else 0
         pr = _as_1d(priors, np.float64, "priors")
-        rw = np.full(total, np.nan) if rewards is None else _as_1d(rewards, np.float64, "rewards")
+        rw = (
+            self._filled(total, np.nan)
+            if rewards is None
+            else _as_1d(rewards, np.float64, "rewards")
+        )
         te = (
-            np.zeros(total, dtype=np.bool_)
+            self._filled(total, False)
             if terminal is None
             else _as_1d(terminal, np.bool_, "terminal")
         )

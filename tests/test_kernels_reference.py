@@ -122,3 +122,40 @@ def test_forest_matches_reference(scenario, data):
         ref.backup(bk_t, bk_n, bk_v)
         _state(forest, ref)
         assert not forest.vloss.any(), "virtual loss must be zero once every pick is backed up"
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n_trees=st.integers(65, 140),
+    cfg=CONFIGS,
+    seed=st.integers(0, 2**31 - 1),
+    threads=st.sampled_from([1, 2]),
+)
+def test_many_trees_lanes_and_threads_match_reference(n_trees, cfg, seed, threads):
+    """Past PARALLEL_MIN_TREES the select kernel runs trees in per-thread chunks, many
+    descents interleaved: picks must still be exactly the reference's, tree by tree."""
+    import numba
+
+    rng = np.random.default_rng(seed)
+    forest = Forest(n_trees, capacity=4)
+    ref = ReferenceForest(n_trees)
+    prev = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        for _ in range(6):
+            want = rng.integers(0, 4, n_trees)
+            trees, nodes = forest.select(want, **cfg)
+            rt, rn = ref.select(want.tolist(), **cfg)
+            assert trees.tolist() == rt
+            assert nodes.tolist() == rn
+            counts = rng.integers(1, 4, len(rt))
+            priors = rng.choice([0.0, 0.25, 0.5, 1.0], int(counts.sum()))
+            firsts = forest.expand(trees, nodes, counts, priors)
+            assert firsts.tolist() == ref.expand(rt, rn, counts.tolist(), priors.tolist())
+            values = rng.choice([0.0, 0.5, 1.0], len(rt))
+            forest.backup(trees, nodes, values)
+            ref.backup(rt, rn, values.tolist())
+            _state(forest, ref)
+            assert not forest.vloss.any()
+    finally:
+        numba.set_num_threads(prev)
