@@ -2,8 +2,18 @@
 
 Why kernels and not methods: one numba call costs ~2 us to dispatch, so every kernel here
 handles a whole wave (all trees, all leaves) per call, validates its input before it writes
-anything (an error code comes back, never a half-applied wave), and runs trees in parallel
-with `prange` where the work per tree is independent.
+anything (an error code comes back, never a half-applied wave). Only `select` (the one
+kernel with real work per tree: a descent through cold memory) and `best_leaf_kernel` run
+trees in parallel (`prange` over one chunk of trees per thread). `expand` and `backup` are
+serial: they stream ~0.1 us of writes per leaf, and a fork-join region around that cost more
+than it saved on this 2-core machine (measured at B=1024: 2 threads slower than 1, and
+under load a region waits for a descheduled thread).
+
+Threads: libgomp (numba's "omp" layer) spins 300k iterations before sleeping by default,
+which on a busy machine starves the very thread it waits for (measured: 2 threads at load
+~5 collapsed to ~15k simulations/s vs ~400k on 1 thread). Importing this module sets
+GOMP_SPINCOUNT=10000 unless already set; it only takes effect if libgomp was not loaded
+yet (numba loads it at the first parallel call).
 
 Arrays are 2-D, (n_trees, capacity), C-contiguous; node ids are per-tree row indices and
 node 0 is each tree's root. Conventions shared with `mcts.tree`:
@@ -23,12 +33,15 @@ node 0 is each tree's root. Conventions shared with `mcts.tree`:
 from __future__ import annotations
 
 import math
+import os
 
-import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import numpy as np  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.core import cgutils  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
 
 RULE_PUCT = 0
 RULE_UCT = 1
@@ -167,6 +180,63 @@ def _prefetch(typingctx, ary, i, j):
     return types.void(ary, i, j), codegen
 
 
+@njit(cache=True)
+def _best_child_clean(
+    b,
+    p,
+    first_child,
+    n_children,
+    visits,
+    value_sum,
+    prior,
+    rule,
+    c_puct,
+    c_base,
+    c_init,
+    fpu_mode,
+    fpu_value,
+):
+    """`_best_child` when no virtual loss is in flight and nothing is blocked yet.
+
+    Same scores and tie rule with vloss == 0 and no blocked child (so never -1); it does
+    not touch the vloss/epoch arrays, which saves two cold cache lines per level.
+    """
+    n_p = visits[b, p]
+    np_f = float(n_p)
+    fc = first_child[b, p]
+    k = n_children[b, p]
+    if fpu_mode == FPU_PARENT:
+        fpu_q = value_sum[b, p] / np_f if n_p > 0 else 0.0
+    else:
+        fpu_q = fpu_value
+    best = fc
+    best_score = -np.inf
+    if rule == RULE_PUCT:
+        c_s = (math.log((1.0 + np_f + c_base) / c_base) + c_init) * c_puct
+        explore = c_s * math.sqrt(np_f)
+        for j in range(k):
+            c = fc + j
+            n_c = visits[b, c]
+            q = value_sum[b, c] / float(n_c) if n_c > 0 else fpu_q
+            score = q + explore * prior[b, c] / (1.0 + n_c)
+            if j == 0 or score > best_score:
+                best = c
+                best_score = score
+    else:
+        log_np = math.log(np_f) if n_p > 0 else 0.0
+        for j in range(k):
+            c = fc + j
+            n_c = visits[b, c]
+            if n_c > 0:
+                score = value_sum[b, c] / float(n_c) + c_puct * math.sqrt(log_np / float(n_c))
+            else:
+                score = np.inf
+            if j == 0 or score > best_score:
+                best = c
+                best_score = score
+    return best
+
+
 LANES = 16  # trees descended in lockstep per thread (their cache misses overlap)
 PF_AHEAD = 8  # entries ahead whose cold lines a streaming loop prefetches
 
@@ -203,6 +273,7 @@ def _select_chunk(
     vl_value,
     fpu_mode,
     fpu_value,
+    clean,
 ):
     """Pick leaves for trees t0..t1-1, LANES descents at a time, one level per turn.
 
@@ -216,6 +287,10 @@ def _select_chunk(
     Each turn of a lane does one step and prefetches what its next step reads (the
     chosen child's links, or its children's statistics), then the other lanes run while
     those lines arrive. A lane that finishes its tree takes the next one.
+
+    `clean` (the caller guarantees: no virtual loss in flight anywhere and at most one
+    leaf per tree) skips the vloss/epoch reads: nothing can be blocked, so the descent
+    is a plain argmax and gives the same picks.
     """
     lane_tree = np.full(LANES, -1, np.int64)
     lane_node = np.zeros(LANES, np.int64)
@@ -239,7 +314,28 @@ def _select_chunk(
                 continue
             nd = lane_node[i]
             done = False
-            if lane_scan[i]:
+            if lane_scan[i] and clean:
+                lane_scan[i] = False
+                c = _best_child_clean(
+                    b,
+                    nd,
+                    first_child,
+                    n_children,
+                    visits,
+                    value_sum,
+                    prior,
+                    rule,
+                    c_puct,
+                    c_base,
+                    c_init,
+                    fpu_mode,
+                    fpu_value,
+                )
+                lane_node[i] = c
+                _prefetch(first_child, b, c)
+                _prefetch(n_children, b, c)
+                _prefetch(parent, b, c)
+            elif lane_scan[i]:
                 lane_scan[i] = False
                 c = _best_child(
                     b,
@@ -273,12 +369,12 @@ def _select_chunk(
                     _prefetch(first_child, b, c)
                     _prefetch(n_children, b, c)
                     _prefetch(parent, b, c)
-            elif nd == 0 and epoch[b, 0] == cur:
+            elif not clean and nd == 0 and epoch[b, 0] == cur:
                 done = True  # the root is blocked: no fresh leaf left in this tree
             else:
                 k = n_children[b, nd]
                 if k == 0:
-                    if vloss[b, nd] > 0:  # the root itself is an in-flight leaf
+                    if not clean and vloss[b, nd] > 0:  # the root itself is an in-flight leaf
                         epoch[b, nd] = cur
                         done = True
                     else:
@@ -287,17 +383,23 @@ def _select_chunk(
                         out[offsets[b] + got[b]] = nd
                         got[b] += 1
                         m = nd
-                        while m >= 0:
-                            vloss[b, m] += 1
-                            m = parent[b, m]
+                        if clean:  # vloss is 0 on the path: store, no load
+                            while m >= 0:
+                                vloss[b, m] = 1
+                                m = parent[b, m]
+                        else:
+                            while m >= 0:
+                                vloss[b, m] += 1
+                                m = parent[b, m]
                         lane_node[i] = 0
                         if got[b] >= offsets[b + 1] - offsets[b]:
                             done = True
                 else:
                     fc = first_child[b, nd]
                     _pf_block(visits, b, fc, k, 16)
-                    _pf_block(vloss, b, fc, k, 16)
-                    _pf_block(epoch, b, fc, k, 16)
+                    if not clean:
+                        _pf_block(vloss, b, fc, k, 16)
+                        _pf_block(epoch, b, fc, k, 16)
                     _pf_block(value_sum, b, fc, k, 8)
                     _pf_block(prior, b, fc, k, 8)
                     lane_scan[i] = True
@@ -339,6 +441,7 @@ def select_kernel(
     fpu_mode,
     fpu_value,
     n_chunks,
+    clean,
 ):
     """Select leaves in every active tree; returns (trees, nodes) ordered by tree then pick.
 
@@ -377,6 +480,7 @@ def select_kernel(
             vl_value,
             fpu_mode,
             fpu_value,
+            clean,
         )
     total = 0
     for b in range(n_trees):
@@ -393,7 +497,7 @@ def select_kernel(
     return trees, nodes
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def expand_kernel(
     parent,
     first_child,
@@ -482,7 +586,7 @@ def expand_kernel(
         for b in range(n_trees):
             if need[b] > limit:
                 return ERR_FULL, b
-    # Allocate ids serially (leaf order decides who fits), then write children in parallel.
+    # Allocate ids (leaf order decides who fits), then write the children.
     child_off = np.empty(n + 1, np.int64)
     child_off[0] = 0
     for i in range(n):
@@ -493,7 +597,7 @@ def expand_kernel(
             size[b] += counts[i]
         else:
             out_first[i] = -1
-    for i in prange(n):
+    for i in range(n):
         if i + PF_AHEAD < n and out_first[i + PF_AHEAD] >= 0:  # new slots are cold
             b2 = trees[i + PF_AHEAD]
             f2 = out_first[i + PF_AHEAD]
@@ -528,14 +632,16 @@ def expand_kernel(
     return OK, 0
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def backup_kernel(parent, visits, value_sum, vloss, pending, size, trees, nodes, values):
     """Mean backup: visits += 1 and value_sum += v from each start node up to the root.
 
     The first pending (picked) node met on the way up loses its pending mark, and the
-    virtual loss of that pick is removed from it and every ancestor. Entries of one tree
-    run in their given order (bit-identical sums with the reference); trees run in parallel.
-    Returns (code, index of the first bad entry).
+    virtual loss of that pick is removed from it and every ancestor. Entries run in their
+    given order (bit-identical sums with the reference). Serial on purpose (module doc);
+    the path nodes are mostly still cached from this wave's select.
+    Returns (OK, number of picks whose virtual loss was cleared) or (code, index of the
+    first bad entry).
     """
     n_trees = parent.shape[0]
     n = trees.shape[0]
@@ -547,40 +653,23 @@ def backup_kernel(parent, visits, value_sum, vloss, pending, size, trees, nodes,
             return ERR_NODE, i
         if not np.isfinite(values[i]):
             return ERR_VALUE, i
-    # Stable counting sort by tree (skipped when entries already come sorted, as select's do).
-    start = np.zeros(n_trees + 1, np.int64)
-    ordered = True
+    cleared = 0
     for i in range(n):
-        start[trees[i] + 1] += 1
-        if i > 0 and trees[i] < trees[i - 1]:
-            ordered = False
-    for b in range(n_trees):
-        start[b + 1] += start[b]
-    if ordered:
-        order = np.arange(n)
-    else:
-        fill = start[:n_trees].copy()
-        order = np.empty(n, np.int64)
-        for i in range(n):
-            b = trees[i]
-            order[fill[b]] = i
-            fill[b] += 1
-    for b in prange(n_trees):
-        for o in range(start[b], start[b + 1]):
-            i = order[o]
-            v = values[i]
-            node = nodes[i]
-            clearing = False
-            while node >= 0:
-                visits[b, node] += 1
-                value_sum[b, node] += v
-                if not clearing and pending[b, node] != 0:
-                    pending[b, node] = 0
-                    clearing = True
-                if clearing:
-                    vloss[b, node] -= 1
-                node = parent[b, node]
-    return OK, 0
+        b = trees[i]
+        v = values[i]
+        node = nodes[i]
+        clearing = False
+        while node >= 0:
+            visits[b, node] += 1
+            value_sum[b, node] += v
+            if not clearing and pending[b, node] != 0:
+                pending[b, node] = 0
+                clearing = True
+                cleared += 1
+            if clearing:
+                vloss[b, node] -= 1
+            node = parent[b, node]
+    return OK, cleared
 
 
 @njit(cache=True, parallel=True)

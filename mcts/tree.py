@@ -231,6 +231,7 @@ class Forest:
         v["_epoch"][:n, 0] = 0
         self._asize[:n] = 1
         self._epoch = 0
+        self._inflight = 0  # picks whose virtual loss is not cleared yet (= pending marks)
         self._bind()
 
     @property
@@ -353,12 +354,14 @@ class Forest:
             raise ValueError(f"c_base must be a positive finite float, got {c_base}")
         if c_puct < 0 or c_init < 0:
             raise ValueError("c_puct and c_init must be >= 0")
+        # No pick in flight and <= 1 leaf per tree: the kernel may skip vloss/epoch reads.
+        clean = self._inflight == 0 and (want is self._want_cache.get(1) or want.max() <= 1)
         self._epoch += 1
         if self._epoch >= _INT_MAX:
             self._v["_epoch"][:, :] = 0
             self._epoch = 1
         v = self._v
-        return self._run(
+        picked = self._run(
             K.select_kernel,
             v["parent"],
             v["first_child"],
@@ -380,7 +383,10 @@ class Forest:
             fmode,
             fval,
             numba.get_num_threads() if b >= PARALLEL_MIN_TREES else 1,
+            clean,
         )
+        self._inflight += picked[0].size
+        return picked
 
     def expand(
         self,
@@ -423,8 +429,7 @@ class Forest:
         out = np.empty(tr.size, dtype=np.int64)
         while True:
             v = self._v
-            code, info = self._run(
-                K.expand_kernel,
+            code, info = K.expand_kernel(
                 v["parent"],
                 v["first_child"],
                 v["n_children"],
@@ -502,8 +507,7 @@ class Forest:
                 f"trees, nodes, values must have equal length, got {tr.size}, {nd.size}, {va.size}"
             )
         v = self._v
-        code, info = self._run(
-            K.backup_kernel,
+        code, info = K.backup_kernel(
             v["parent"],
             v["visits"],
             v["value_sum"],
@@ -515,6 +519,7 @@ class Forest:
             va,
         )
         if code == K.OK:
+            self._inflight -= int(info)
             return
         i = int(info)
         if code == K.ERR_TREE:
@@ -530,6 +535,7 @@ class Forest:
         m = int(self._size.max())
         self._v["vloss"][:, :m] = 0
         self._v["_pending"][:, :m] = 0
+        self._inflight = 0
 
     def mark_terminal(self, trees: Any, nodes: Any, reward: Any = None) -> None:
         """Mark leaves terminal (e.g. the LLM produced no next step), optionally with reward."""

@@ -35,6 +35,9 @@ def _state(forest: Forest, ref: ReferenceForest) -> None:
         assert forest.vloss[b, :s].tolist() == [n.vloss for n in tree.nodes]
         assert forest.parent[b, :s].tolist() == [-1] + [n.parent.id for n in tree.nodes[1:]]
         assert forest.terminal[b, :s].tolist() == [n.terminal for n in tree.nodes]
+    # select's vloss-free fast path relies on this count of in-flight picks being exact
+    in_flight = sum(n.pending for tree in ref.trees for n in tree.nodes)
+    assert forest._inflight == in_flight
 
 
 @st.composite
