@@ -19,7 +19,7 @@ class SearchConfig:
     algorithm: str = "mcts"
     # Budget: generated tokens per problem. A request is only issued when its worst case
     # (n samples x max tokens) fits in what is left, so no problem ever exceeds it.
-    token_budget: int = 1024
+    token_budget: int = 256
     step_max_tokens: int = 64  # per reasoning step (tree algorithms)
     solution_max_tokens: int = 256  # per full solution (best_of_n, self_consistency)
     min_step_tokens: int = 8  # a tree retires when less than this is left

@@ -33,7 +33,6 @@ class RunConfig:
     task: dict[str, Any] = field(default_factory=dict)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     progress: bool = True
-    draw_tree: bool = True
 
 
 cs = ConfigStore.instance()
@@ -92,10 +91,10 @@ def run(cfg: DictConfig | RunConfig, run_dir: str | Path) -> dict[str, Any]:
         rcfg = OmegaConf.to_container(cfg.reward, resolve=True)
         tcfg = OmegaConf.to_container(cfg.task, resolve=True)
         dcfg: DistributedConfig = OmegaConf.to_object(cfg.distributed)  # type: ignore[assignment]
-        progress, draw = bool(cfg.progress), bool(cfg.draw_tree)
+        progress = bool(cfg.progress)
     else:
         scfg, gcfg, rcfg, tcfg = cfg.search, cfg.generator, cfg.reward, cfg.task
-        dcfg, progress, draw = cfg.distributed, cfg.progress, cfg.draw_tree
+        dcfg, progress = cfg.distributed, cfg.progress
     run_dir = Path(run_dir)
     from mcts.export import check_writable
 
@@ -107,12 +106,8 @@ def run(cfg: DictConfig | RunConfig, run_dir: str | Path) -> dict[str, Any]:
         problems, gcfg, rcfg, scfg, run_dir=run_dir, distributed=dcfg, progress=progress
     )
     summary = res.summary
-    if draw and res.results:
-        from mcts.export import draw_tree
-
-        png = run_dir / "tree.png"
-        draw_tree(res.results[0].tree, png)
-        summary["tree_png"] = str(png)
+    if (run_dir / "tree.png").exists():  # drawn by write_exports
+        summary["tree_png"] = str(run_dir / "tree.png")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
