@@ -121,11 +121,13 @@ def annotate_tree(
             correct=correct_of.get(node),
             selected=node in on_path,
         )
-    k = int(sum(count[n] for n in answers))
+    # Candidates for pass@k: every terminal answer, plus the selected one when the pick is
+    # a non-terminal leaf (budget ran out mid-solution), so pass@k >= accuracy always.
+    k = int(sum(count[n] for n in answers)) + (selected not in answers)
     info = {
         "selected_answer": sel_answer,
         "correct": sel_correct,
-        "pass_at_k": any(correct_of.values()),
+        "pass_at_k": any(correct_of.values()) or sel_correct,
         "k": k,
     }
     return g, info
