@@ -31,8 +31,8 @@ class ProblemResult:
     selected_answer: str | None  # the ONE answer the algorithm picks
     selected_text: str  # the full solution text it picked
     correct: bool  # whether selected_answer is right (this is what accuracy counts)
-    pass_at_k: bool  # any terminal in the tree right (reported beside, never as accuracy)
-    n_candidates: int  # number of terminal answers pass@k was taken over
+    pass_at_k: bool  # any terminal (or the pick) right: reported beside, never as accuracy
+    n_candidates: int  # answers pass@k was taken over (terminals, plus a non-terminal pick)
     usage: Usage
     seconds: float
     tree: nx.DiGraph
