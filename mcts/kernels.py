@@ -456,7 +456,33 @@ def select_kernel(
     got = np.zeros(n_trees, np.int64)
     n_chunks = max(1, min(n_chunks, n_trees))
     per = (n_trees + n_chunks - 1) // n_chunks
-    for g in prange(n_chunks):
+    if n_chunks == 1:  # no parallel region at all: entering one costs ~10 us
+        _select_chunk(
+            0,
+            n_trees,
+            offsets,
+            got,
+            out,
+            parent,
+            first_child,
+            n_children,
+            visits,
+            value_sum,
+            prior,
+            vloss,
+            pending,
+            epoch,
+            cur,
+            rule,
+            c_puct,
+            c_base,
+            c_init,
+            vl_value,
+            fpu_mode,
+            fpu_value,
+            clean,
+        )
+    for g in prange(n_chunks if n_chunks > 1 else 0):
         _select_chunk(
             g * per,
             min(n_trees, (g + 1) * per),

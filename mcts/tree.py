@@ -118,6 +118,34 @@ def _as_1d(x: Any, dtype: Any, name: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=dtype)
 
 
+def _select_params(
+    rule: str, c_puct: float, c_base: float, c_init: float, vl_value: float, fpu: str | float
+) -> tuple[int, float, float, float, float, int, float]:
+    """Validate select's scoring options; returns the kernel's (rule, floats..., fpu) args."""
+    if rule == "puct":
+        r = K.RULE_PUCT
+    elif rule == "uct":
+        r = K.RULE_UCT
+    else:
+        raise ValueError(f'rule must be "puct" or "uct", got {rule!r}')
+    if isinstance(fpu, str):
+        if fpu != "parent":
+            raise ValueError(f'fpu must be "parent" or a float, got {fpu!r}')
+        fmode, fval = K.FPU_PARENT, 0.0
+    else:
+        fmode, fval = K.FPU_CONST, float(fpu)
+    for name, x in (("c_puct", c_puct), ("c_init", c_init), ("vl_value", vl_value)):
+        if not np.isfinite(x):
+            raise ValueError(f"{name} must be finite, got {x}")
+    if not np.isfinite(fval):
+        raise ValueError(f"fpu must be finite, got {fpu}")
+    if not (np.isfinite(c_base) and c_base > 0):
+        raise ValueError(f"c_base must be a positive finite float, got {c_base}")
+    if c_puct < 0 or c_init < 0:
+        raise ValueError("c_puct and c_init must be >= 0")
+    return r, float(c_puct), float(c_base), float(c_init), float(vl_value), fmode, fval
+
+
 class Forest:
     """B trees of node statistics; see the module docstring for the rules it keeps."""
 
@@ -144,6 +172,7 @@ class Forest:
         self._epoch = 0
         self._want_cache: dict[int, np.ndarray] = {}
         self._fill_cache: dict[tuple[int, type], np.ndarray] = {}
+        self._param_cache: dict[tuple, tuple] = {}
         self.reset(int(n_trees))
 
     # ------------------------------------------------------------------ storage
@@ -333,27 +362,17 @@ class Forest:
             if act.shape != (b,) or act.dtype != np.bool_:
                 raise ValueError(f"active must be a bool array of shape ({b},)")
             act = np.ascontiguousarray(act)
-        if rule == "puct":
-            r = K.RULE_PUCT
-        elif rule == "uct":
-            r = K.RULE_UCT
-        else:
-            raise ValueError(f'rule must be "puct" or "uct", got {rule!r}')
-        if isinstance(fpu, str):
-            if fpu != "parent":
-                raise ValueError(f'fpu must be "parent" or a float, got {fpu!r}')
-            fmode, fval = K.FPU_PARENT, 0.0
-        else:
-            fmode, fval = K.FPU_CONST, float(fpu)
-        for name, x in (("c_puct", c_puct), ("c_init", c_init), ("vl_value", vl_value)):
-            if not np.isfinite(x):
-                raise ValueError(f"{name} must be finite, got {x}")
-        if not np.isfinite(fval):
-            raise ValueError(f"fpu must be finite, got {fpu}")
-        if not (np.isfinite(c_base) and c_base > 0):
-            raise ValueError(f"c_base must be a positive finite float, got {c_base}")
-        if c_puct < 0 or c_init < 0:
-            raise ValueError("c_puct and c_init must be >= 0")
+        key = (rule, c_puct, c_base, c_init, vl_value, fpu)
+        try:
+            params = self._param_cache.get(key)
+        except TypeError:  # unhashable argument: validate (and convert) it below
+            key, params = None, None
+        if params is None:
+            params = _select_params(*(rule, c_puct, c_base, c_init, vl_value, fpu))
+            if key is not None:
+                if len(self._param_cache) > 64:
+                    self._param_cache.clear()
+                self._param_cache[key] = params
         # No pick in flight and <= 1 leaf per tree: the kernel may skip vloss/epoch reads.
         clean = self._inflight == 0 and (want is self._want_cache.get(1) or want.max() <= 1)
         self._epoch += 1
@@ -375,13 +394,7 @@ class Forest:
             self._epoch,
             want,
             act,
-            r,
-            float(c_puct),
-            float(c_base),
-            float(c_init),
-            float(vl_value),
-            fmode,
-            fval,
+            *params,
             numba.get_num_threads() if b >= PARALLEL_MIN_TREES else 1,
             clean,
         )
