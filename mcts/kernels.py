@@ -420,6 +420,62 @@ def _select_chunk(
 
 
 @njit(cache=True, parallel=True)
+def _select_par(
+    n_chunks,
+    per,
+    offsets,
+    got,
+    out,
+    parent,
+    first_child,
+    n_children,
+    visits,
+    value_sum,
+    prior,
+    vloss,
+    pending,
+    epoch,
+    cur,
+    rule,
+    c_puct,
+    c_base,
+    c_init,
+    vl_value,
+    fpu_mode,
+    fpu_value,
+    clean,
+):
+    """One `_select_chunk` per thread (chunks of `per` consecutive trees)."""
+    n_trees = got.shape[0]
+    for g in prange(n_chunks):
+        _select_chunk(
+            g * per,
+            min(n_trees, (g + 1) * per),
+            offsets,
+            got,
+            out,
+            parent,
+            first_child,
+            n_children,
+            visits,
+            value_sum,
+            prior,
+            vloss,
+            pending,
+            epoch,
+            cur,
+            rule,
+            c_puct,
+            c_base,
+            c_init,
+            vl_value,
+            fpu_mode,
+            fpu_value,
+            clean,
+        )
+
+
+@njit(cache=True)
 def select_kernel(
     parent,
     first_child,
@@ -456,7 +512,7 @@ def select_kernel(
     got = np.zeros(n_trees, np.int64)
     n_chunks = max(1, min(n_chunks, n_trees))
     per = (n_trees + n_chunks - 1) // n_chunks
-    if n_chunks == 1:  # no parallel region at all: entering one costs ~10 us
+    if n_chunks == 1:  # serial: no parallel region entered at all (a wake-up saved)
         _select_chunk(
             0,
             n_trees,
@@ -482,10 +538,10 @@ def select_kernel(
             fpu_value,
             clean,
         )
-    for g in prange(n_chunks if n_chunks > 1 else 0):
-        _select_chunk(
-            g * per,
-            min(n_trees, (g + 1) * per),
+    else:
+        _select_par(
+            n_chunks,
+            per,
             offsets,
             got,
             out,

@@ -18,6 +18,7 @@ Values may be any finite float (rewards are in [0, 1] by convention); NaN/inf ar
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -29,6 +30,8 @@ from mcts import kernels as K
 
 PARALLEL_MIN_TREES = 64
 """Below this many trees the kernels run on one thread (see Forest._run)."""
+AUTO_PROBE = 16
+"""With threads="auto", every AUTO_PROBE-th select re-times the choice not in use."""
 
 if TYPE_CHECKING:
     import networkx
@@ -173,6 +176,11 @@ class Forest:
         self._want_cache: dict[int, np.ndarray] = {}
         self._fill_cache: dict[tuple[int, type], np.ndarray] = {}
         self._param_cache: dict[tuple, tuple] = {}
+        # select's use of numba's threads: "auto" (measured, see _select_chunks), "serial"
+        # (one thread) or "parallel" (one chunk of trees per numba thread).
+        self.threads: Literal["auto", "serial", "parallel"] = "auto"
+        self._auto_cost: list[float | None] | None = None
+        self._auto_calls = 0
         self.reset(int(n_trees))
 
     # ------------------------------------------------------------------ storage
@@ -380,8 +388,9 @@ class Forest:
             self._v["_epoch"][:, :] = 0
             self._epoch = 1
         v = self._v
-        picked = self._run(
-            K.select_kernel,
+        chunks = self._select_chunks()
+        t0 = time.perf_counter()
+        picked = K.select_kernel(
             v["parent"],
             v["first_child"],
             v["n_children"],
@@ -395,11 +404,51 @@ class Forest:
             want,
             act,
             *params,
-            numba.get_num_threads() if b >= PARALLEL_MIN_TREES else 1,
+            chunks,
             clean,
         )
+        if self.threads == "auto" and self._auto_cost is not None:
+            i = int(chunks > 1)
+            dt = (time.perf_counter() - t0) / (picked[0].size + 1)
+            old = self._auto_cost[i]  # (capped: one slow outlier, e.g. a compile, fades fast)
+            self._auto_cost[i] = dt if old is None else 0.75 * min(old, 4 * dt) + 0.25 * dt
         self._inflight += picked[0].size
         return picked
+
+    def _select_chunks(self) -> int:
+        """How many per-thread chunks select splits the trees into (1 = serial, no pool).
+
+        "auto": below PARALLEL_MIN_TREES or with one numba thread, 1. Otherwise whichever
+        of serial and parallel measured faster per pick (moving average), re-trying the
+        other one every AUTO_PROBE-th call. Why: a parallel region must wait for its
+        worker thread, and on a busy machine (here: other jobs on both cores) its wake-up
+        cost more than the work (measured at B=1024: 2 threads 2-3x slower than 1 under
+        load, faster when idle). Results never depend on the choice: chunks are whole trees.
+        """
+        if self.threads not in ("auto", "serial", "parallel"):
+            raise ValueError(
+                f'Forest.threads must be "auto", "serial" or "parallel", got {self.threads!r}'
+            )
+        nt = numba.get_num_threads()
+        if self.n_trees < PARALLEL_MIN_TREES or nt == 1 or self.threads == "serial":
+            self._auto_cost = None
+            return 1
+        if self.threads == "parallel":
+            self._auto_cost = None
+            return nt
+        if self._auto_cost is None:
+            self._auto_cost = [None, None]
+            self._auto_calls = 0
+        self._auto_calls += 1
+        serial, par = self._auto_cost
+        if serial is None:
+            return 1
+        if par is None:
+            return nt
+        use_par = par < serial
+        if self._auto_calls % AUTO_PROBE == 0:
+            use_par = not use_par
+        return nt if use_par else 1
 
     def expand(
         self,

@@ -141,6 +141,7 @@ def test_many_trees_lanes_and_threads_match_reference(n_trees, cfg, seed, thread
 
     rng = np.random.default_rng(seed)
     forest = Forest(n_trees, capacity=4)
+    forest.threads = "parallel" if threads == 2 else "auto"  # force the thread pool path
     ref = ReferenceForest(n_trees)
     prev = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))

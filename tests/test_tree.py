@@ -303,3 +303,32 @@ def test_vloss_zero_after_every_backup(n_trees, per_tree, seed):
         _grow_random(f, rng, waves=1, per_tree=per_tree)
         assert not f.vloss.any()
         assert (f.visits[:, 0] == f.visits[:, 1:].sum(axis=1, where=f.parent[:, 1:] == 0)).all()
+
+
+def test_thread_policy_never_changes_picks_and_rejects_bad_values():
+    """select's serial/parallel/auto choice only moves work between threads."""
+    import numba
+
+    runs = {}
+    prev = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        for policy in ("serial", "parallel", "auto"):
+            f = Forest(80, capacity=8)
+            f.threads = policy
+            picks = []
+            for _ in range(40):  # > 2 * AUTO_PROBE: auto both measures and probes
+                t, n = f.select(2, vl_value=0.0)
+                f.expand(t, n, np.full(t.size, 3), np.tile([0.2, 0.5, 0.3], t.size))
+                f.backup(t, n, np.linspace(0.0, 1.0, t.size))
+                picks.append(n.copy())
+            runs[policy] = (np.concatenate(picks), f.visits.copy(), f.value_sum.copy())
+    finally:
+        numba.set_num_threads(prev)
+    for policy in ("parallel", "auto"):
+        for a, b in zip(runs["serial"], runs[policy], strict=True):
+            assert np.array_equal(a, b)
+    f = Forest(80, capacity=8)
+    f.threads = "many"
+    with pytest.raises(ValueError, match="Forest.threads"):
+        f.select(1)
