@@ -10,6 +10,10 @@ problems). Seeds are fixed per request, so both passes sample the same workload.
 
     .venv/bin/python benchmarks/generators.py                 # 8 problems, 3 levels, 4 children
     .venv/bin/python benchmarks/generators.py --backends llama_cpp --max-tokens 16
+    .venv/bin/python benchmarks/generators.py --backends llama_cpp --llama-sequential  # old path too
+
+llama.cpp runs batched (many sequences per llama_decode) unless --llama-sequential adds a run of
+the one-sequence path (batched=false) on the same workload for comparison.
 
 Reports generated tokens/s, prefix-cache hit rate (cached / prompt tokens) and calls.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import time
 import zlib
 from dataclasses import dataclass
@@ -130,15 +135,29 @@ def main() -> None:
     ap.add_argument("--children", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--n-threads", type=int, default=None, help="llama.cpp threads")
+    ap.add_argument("--n-seq-max", type=int, default=16, help="llama.cpp parallel sequences")
+    ap.add_argument(
+        "--llama-sequential",
+        action="store_true",
+        help="also run llama.cpp's one-sequence path (batched=false) on the same workload",
+    )
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
     if not 1 <= args.problems <= len(QUESTIONS):
         raise SystemExit(f"--problems must be in 1..{len(QUESTIONS)}")
     rows = []
+    runs: list[tuple[str, dict]] = []
     for backend in args.backends.split(","):
         cfg: dict = {"backend": backend}
         if backend == "llama_cpp":
-            cfg["n_threads"] = args.n_threads
+            cfg.update(n_threads=args.n_threads, n_seq_max=args.n_seq_max)
+            runs.append((backend, cfg))
+            if args.llama_sequential:
+                runs.append(("llama_cpp sequential", {**cfg, "batched": False}))
+        else:
+            runs.append((backend, cfg))
+    print(f"# load average at start: {os.getloadavg()}", flush=True)
+    for backend, cfg in runs:
         try:
             t0 = time.perf_counter()
             gen = make_generator(cfg)
@@ -151,13 +170,20 @@ def main() -> None:
             gen, args.problems, args.levels, args.children, args.max_tokens
         )
         n_req = sum(len(w) for w in waves)
-        wall_1, use_1 = one_at_a_time(gen, waves)
-        for mode, wall, use in (("batched wave", wall_b, use_b), ("one at a time", wall_1, use_1)):
+        if cfg.get("batched") is False:
+            # The old path's one-at-a-time twin matched its wave (x0.99): the wave suffices.
+            modes = [("wave, batched=false", wall_b, use_b)]
+        else:
+            wall_1, use_1 = one_at_a_time(gen, waves)
+            modes = [("batched wave", wall_b, use_b), ("one at a time", wall_1, use_1)]
+        for mode, wall, use in modes:
             row = Result(backend, mode, wall, use, n_req).row()
             row["load_s"] = round(load_s, 1)
+            row["loadavg_1m"] = round(os.getloadavg()[0], 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
-        print(f"# {backend}: batched speed-up x{wall_1 / wall_b:.2f}", flush=True)
+        if len(modes) == 2:
+            print(f"# {backend}: batched speed-up x{wall_1 / wall_b:.2f}", flush=True)
         del gen
     if args.json:
         with open(args.json, "w") as f:

@@ -204,6 +204,28 @@ def test_batched_decoding_gives_the_single_sequence_samples(
     assert len(a[0].steps) == 1 and a[0].steps[0].count == 3
 
 
+def test_request_larger_than_the_batched_cache(seq_gen: LlamaCppGenerator) -> None:
+    """n samples that outgrow n_ctx_total: the cache is cleared between them and the prompt
+    evaluated again, which is paid for (prompt_tokens counts each evaluation); samples are
+    unchanged."""
+    small = LlamaCppGenerator(
+        LlamaCppConfig(n_ctx=128, n_threads=1, n_seq_max=4, n_ctx_total=128, seed=0)
+    )
+    assert small._multi.n_cells == 256  # llama.cpp pads the cell count to a multiple of 256
+    r = StepRequest(problem_messages(QUESTIONS[1]), n=8, seed=5, max_tokens=64, to_end=True)
+    (a,) = small.generate([r])
+    (b,) = seq_gen.generate([r])
+    n_prompt = len(small.encode(small.render(r.messages)))
+    assert n_prompt + a.usage.generated_tokens - 8 > 256  # the cells it needed (premise)
+    clears = small._multi.clears  # each one re-evaluated the prompt
+    assert clears >= 1
+    assert a.usage.prompt_tokens == (1 + clears) * n_prompt and b.usage.prompt_tokens == n_prompt
+    assert a.usage.generated_tokens == b.usage.generated_tokens
+    assert [(s.token_ids, s.token_logprobs, s.count) for s in a.steps] == [
+        (s.token_ids, s.token_logprobs, s.count) for s in b.steps
+    ]
+
+
 def test_batched_config_errors() -> None:
     with pytest.raises(ValueError, match="n_seq_max"):
         LlamaCppGenerator(LlamaCppConfig(n_seq_max=0))

@@ -211,7 +211,13 @@ class LlamaCppGenerator:
     # ------------------------------------------------------------------ generate
 
     def generate(self, requests: Sequence[StepRequest]) -> list[Generation]:
-        """Sample `n` steps per request; the wave is served in prefix-sorted order."""
+        """Sample `n` steps per request; the wave is served in prefix-sorted order.
+
+        Usage: prompt_tokens = the rendered prompt's length, cached_prompt_tokens = those whose
+        KV was reused from a held prefix. In batched mode a request whose n samples outgrow
+        n_ctx_total has its prompt evaluated again after each cache clear, and each evaluation
+        is counted in prompt_tokens.
+        """
         validate_step_requests(requests)
         prompts = run_wave(requests, lambda i, r: self.encode(self.render(r.messages, r.prefix)))
         for i, (r, ids) in enumerate(zip(requests, prompts, strict=True)):
@@ -496,7 +502,8 @@ class _MultiSeq:
                     if self._top + reserved + need > self.n_cells:
                         if active:
                             break  # let the running samples finish, then clear
-                        self.reset()
+                        if self._top:
+                            self.reset()
                     queue.pop()
                     h, logits0, cached = self._eval_prompt(prompt)
                     usages[i].cached_prompt_tokens = cached
