@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import numba  # noqa: E402
 
-from mcts.tree import Forest  # noqa: E402
+from mcts.tree import PARALLEL_MIN_TREES, Forest  # noqa: E402
 from tests.reference_mcts import ReferenceForest  # noqa: E402
 
 VALUE = 0.5
@@ -196,11 +196,16 @@ def main() -> None:
         for th in threads:
             numba.set_num_threads(th)
             rates[th] = numba_rate(forest, S, K, 7 if small else 5)
+        forced = float("nan")
+        if max(threads) > 1 and B >= PARALLEL_MIN_TREES:  # the thread pool on every select
+            forest.threads = "parallel"
+            forced = numba_rate(forest, S, K, 3 if args.quick else 5)
+            forest.threads = "auto"
         numba.set_num_threads(max(threads))
         py = python_rate(B, S, K, 3 if small else 1)
         mx = mctx_rate(B, S, K, 3 if small else 2)
         load1 = os.getloadavg()[0]
-        rows.append((B, S, K, rates, py, mx, (load0, load1)))
+        rows.append((B, S, K, rates, py, mx, (load0, load1), forced))
         best = max(rates.values())
         mx_txt = f"mctx {mx[1]:,.0f}/s" if mx else "mctx n/a"
         print(
@@ -224,20 +229,26 @@ def main() -> None:
         "median of 5-7 runs on a reused, reset forest. Plain Python: the node-object reference "
         "(tests/reference_mcts.py), median of 1-3 runs. mctx: muzero_policy under jax.jit, "
         "median of 2-3 runs after a first (compile) call. All three run the same B, S, K side "
-        "by side in this one process; ratios use the faster numba column.",
+        "by side in this one process; ratios use the faster of the two numba columns.",
         "",
-        "| B | S | K | numba 1 thread | numba 2 threads | plain Python | mctx (JAX CPU) "
-        "| x Python | x mctx | load |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "numba 2 threads = numba.set_num_threads(2) with the Forest's default "
+        'threads="auto" (select uses the pool only while it measures faster than one '
+        'thread); "2 forced" = threads="parallel" (the pool on every select; - where B '
+        "< 64, which always runs on one thread).",
+        "",
+        "| B | S | K | numba 1 thread | numba 2 threads | 2 forced | plain Python "
+        "| mctx (JAX CPU) | x Python | x mctx | load |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for B, S, K, rates, py, mx, (l0, l1) in rows:
+    for B, S, K, rates, py, mx, (l0, l1), forced in rows:
         best = max(rates.values())
         r1 = rates.get(1, float("nan"))
         r2 = rates.get(2, float("nan"))
         mxs = f"{mx[1]:,.0f}" if mx else "n/a"
         mxr = f"{best / mx[1]:.1f}" if mx else "n/a"
         lines.append(
-            f"| {B} | {S} | {K} | {r1:,.0f} | {r2:,.0f} | {py:,.0f} | {mxs} | {best / py:.0f} "
+            f"| {B} | {S} | {K} | {r1:,.0f} | {r2:,.0f} | "
+            f"{'-' if forced != forced else f'{forced:,.0f}'} | {py:,.0f} | {mxs} | {best / py:.0f} "
             f"| {mxr} | {l0:.1f}-{l1:.1f} |"
         )
     lines.append("")
@@ -257,7 +268,7 @@ def main() -> None:
     print(text)
     if not args.no_write:
         write_results(text)
-    B, S, K, rates, py, mx, _ = next(r for r in rows if r[:3] == (1024, 256, 8))
+    B, S, K, rates, py, mx, _, _ = next(r for r in rows if r[:3] == (1024, 256, 8))
     best = max(rates.values())
     mx_txt = f"{best / mx[1]:.1f}x mctx" if mx else "mctx not installed"
     print(f"B=1024 S=256 K=8: numba {best:,.0f} sims/s = {best / py:.0f}x plain Python, {mx_txt}")
