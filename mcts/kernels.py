@@ -4,10 +4,17 @@ Why kernels and not methods: one numba call costs ~2 us to dispatch, so every ke
 handles a whole wave (all trees, all leaves) per call, validates its input before it writes
 anything (an error code comes back, never a half-applied wave). Only `select` (the one
 kernel with real work per tree: a descent through cold memory) and `best_leaf_kernel` run
-trees in parallel (`prange` over one chunk of trees per thread). `expand` and `backup` are
-serial: they stream ~0.1 us of writes per leaf, and a fork-join region around that cost more
-than it saved on this 2-core machine (measured at B=1024: 2 threads slower than 1, and
-under load a region waits for a descheduled thread).
+trees in parallel (`prange` over one chunk of trees per thread; the Forest decides whether
+select uses the pool at all, see Forest.threads). `expand` and `backup` are serial: they
+stream ~0.1 us of writes per leaf, and a fork-join region around that cost more than it
+saved on this 2-core machine (measured at B=1024: 2 threads slower than 1, and under load
+a region waits for a descheduled thread).
+
+Memory: at B=1024 x 256 simulations the arrays (~110 MB) outgrow the L3, so a descent is a
+chain of cache misses. `select` therefore runs LANES descents per thread in lockstep and
+software-prefetches what each lane reads next (`_prefetch`, an LLVM intrinsic); `expand`
+prefetches the slots it writes a few leaves ahead. When no pick is in flight and each tree
+wants one leaf (the common wave), select also skips the vloss/epoch arrays entirely.
 
 Threads: libgomp (numba's "omp" layer) spins 300k iterations before sleeping by default,
 which on a busy machine starves the very thread it waits for (measured: 2 threads at load

@@ -31,7 +31,8 @@ from mcts import kernels as K
 PARALLEL_MIN_TREES = 64
 """Below this many trees the kernels run on one thread (see Forest._run)."""
 AUTO_PROBE = 16
-"""With threads="auto", every AUTO_PROBE-th select re-times the choice not in use."""
+"""With threads="auto", select re-times the choice not in use after AUTO_PROBE calls
+(then after ever longer periods while the choice holds)."""
 
 if TYPE_CHECKING:
     import networkx
@@ -180,7 +181,7 @@ class Forest:
         # (one thread) or "parallel" (one chunk of trees per numba thread).
         self.threads: Literal["auto", "serial", "parallel"] = "auto"
         self._auto_cost: list[float | None] | None = None
-        self._auto_calls = 0
+        self._auto_calls = self._auto_next = self._auto_period = 0
         self.reset(int(n_trees))
 
     # ------------------------------------------------------------------ storage
@@ -408,10 +409,7 @@ class Forest:
             clean,
         )
         if self.threads == "auto" and self._auto_cost is not None:
-            i = int(chunks > 1)
-            dt = (time.perf_counter() - t0) / (picked[0].size + 1)
-            old = self._auto_cost[i]  # (capped: one slow outlier, e.g. a compile, fades fast)
-            self._auto_cost[i] = dt if old is None else 0.75 * min(old, 4 * dt) + 0.25 * dt
+            self._auto_update(chunks > 1, (time.perf_counter() - t0) / (picked[0].size + 1))
         self._inflight += picked[0].size
         return picked
 
@@ -420,7 +418,7 @@ class Forest:
 
         "auto": below PARALLEL_MIN_TREES or with one numba thread, 1. Otherwise whichever
         of serial and parallel measured faster per pick (moving average), re-trying the
-        other one every AUTO_PROBE-th call. Why: a parallel region must wait for its
+        other one now and then (see _auto_update). Why: a parallel region must wait for its
         worker thread, and on a busy machine (here: other jobs on both cores) its wake-up
         cost more than the work (measured at B=1024: 2 threads 2-3x slower than 1 under
         load, faster when idle). Results never depend on the choice: chunks are whole trees.
@@ -439,6 +437,8 @@ class Forest:
         if self._auto_cost is None:
             self._auto_cost = [None, None]
             self._auto_calls = 0
+            self._auto_period = AUTO_PROBE
+            self._auto_next = AUTO_PROBE
         self._auto_calls += 1
         serial, par = self._auto_cost
         if serial is None:
@@ -446,9 +446,27 @@ class Forest:
         if par is None:
             return nt
         use_par = par < serial
-        if self._auto_calls % AUTO_PROBE == 0:
+        if self._auto_calls >= self._auto_next:  # probe the other choice
             use_par = not use_par
         return nt if use_par else 1
+
+    def _auto_update(self, parallel: bool, dt: float) -> None:
+        """Fold one select's time per pick into the moving average of its choice.
+
+        A probe that confirms the current choice doubles the probe period (up to 64x
+        AUTO_PROBE), so a choice that keeps losing costs ever less; a flip resets it.
+        """
+        cost = self._auto_cost
+        was_par = cost[1] is not None and cost[0] is not None and cost[1] < cost[0]
+        old = cost[int(parallel)]  # (capped: one slow outlier, e.g. a compile, fades fast)
+        cost[int(parallel)] = dt if old is None else 0.75 * min(old, 4 * dt) + 0.25 * dt
+        if self._auto_calls >= self._auto_next and None not in cost:
+            now_par = cost[1] < cost[0]
+            if now_par == was_par:
+                self._auto_period = min(2 * self._auto_period, 64 * AUTO_PROBE)
+            else:
+                self._auto_period = AUTO_PROBE
+            self._auto_next = self._auto_calls + self._auto_period
 
     def expand(
         self,
