@@ -136,9 +136,7 @@ class Generator(Protocol):
 
     def generate(self, requests: Sequence[StepRequest]) -> list[Generation]: ...
 
-    def logprob_of(
-        self, requests: Sequence[ContinuationRequest]
-    ) -> tuple[np.ndarray, list[Usage]]:
+    def logprob_of(self, requests: Sequence[ContinuationRequest]) -> tuple[np.ndarray, list[Usage]]:
         """Summed logprob of each continuation: array (len(requests), n_continuations)."""
         ...
 
