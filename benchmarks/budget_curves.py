@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._results import write_section  # noqa: E402
 from mcts.config import SearchConfig  # noqa: E402
 from mcts.search import search  # noqa: E402
 
@@ -178,16 +179,7 @@ def write(rows: list[dict], args: argparse.Namespace, cmd: str) -> None:
             f"{r['generator_calls']} | {r['mean_batch']:.1f} | {r['prefix_hit_rate']:.2f} | "
             f"{r['gen_tok_per_s']:.1f} | {r['overhead_share']:.1%} |"
         )
-    section = "\n".join(lines) + "\n"
-    path = ROOT / "benchmarks" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find("## Budget curves")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
+    write_section("Budget curves", "\n".join(lines[2:]))
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._results import write_section  # noqa: E402
 from mcts.config import SearchConfig  # noqa: E402
 from mcts.search import Search  # noqa: E402
 from tests.fakes import FakeGenerator, FakePRM, problems  # noqa: E402
@@ -91,16 +92,7 @@ def main() -> None:
             f"| {r['problems']} | {r['budget']} | {r['waves']} | {r['non_model_s']:.3f} "
             f"| {r['us_per_problem']:.0f} | {r['us_per_problem_wave']:.1f} |"
         )
-    section = "\n".join(lines) + "\n"
-    path = ROOT / "benchmarks" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find("## Search overhead scaling")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
+    write_section("Search overhead scaling", "\n".join(lines[2:]))
 
 
 if __name__ == "__main__":

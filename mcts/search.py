@@ -99,6 +99,19 @@ def _check_scores(values: np.ndarray, n: int, reward: Reward) -> np.ndarray:
     return values
 
 
+def empty_stats() -> dict[str, float]:
+    """The counters a Search keeps (a run with nothing left to do reports these)."""
+    return {
+        "waves": 0,
+        "generator_calls": 0,
+        "reward_calls": 0,
+        "requests": 0,
+        "generator_seconds": 0.0,
+        "reward_seconds": 0.0,
+        "empty_steps": 0,
+    }
+
+
 class Search:
     """Runs one algorithm over a list of problems, batch by batch."""
 
@@ -117,15 +130,7 @@ class Search:
         self.on_result = on_result
         self.progress = progress
         self.system = cfg.system_prompt if cfg.system_prompt is not None else DEFAULT_SYSTEM
-        self.stats = {
-            "waves": 0,
-            "generator_calls": 0,
-            "reward_calls": 0,
-            "requests": 0,
-            "generator_seconds": 0.0,
-            "reward_seconds": 0.0,
-            "empty_steps": 0,
-        }
+        self.stats = empty_stats()
         self._forest: Forest | None = None
 
     # -- public -------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from mcts.distributed.config import DistributedConfig
 from mcts.distributed.factories import Spec, build_generator, build_reward, check_spec
 from mcts.distributed.worker import ChunkOutput, SearchWorker
 from mcts.results import ProblemResult
-from mcts.search import SearchResult, summarize
+from mcts.search import SearchResult, empty_stats, summarize
 from mcts.types import Problem
 
 log = logging.getLogger("mcts.distributed")
@@ -148,7 +148,7 @@ def distributed_search(
 
     t0 = time.perf_counter()
     if not problems:  # everything is in results.jsonl already
-        stats, uses_ref, extra = _empty_stats(), False, {}
+        stats, uses_ref, extra = empty_stats(), False, {}
     elif dcfg.workers == 0:
         stats, uses_ref, extra = _run_local(problems, gen_spec, reward_spec, cfg, record, progress)
     else:
@@ -178,19 +178,6 @@ def distributed_search(
 
         summary["exports"] = write_exports(run_dir, margin=cfg.pair_margin)
     return SearchResult(results=collected, summary=summary)
-
-
-def _empty_stats() -> dict[str, float]:
-    """The counters Search.stats keeps, all zero (for a run with nothing left to do)."""
-    return {
-        "waves": 0,
-        "generator_calls": 0,
-        "reward_calls": 0,
-        "requests": 0,
-        "generator_seconds": 0.0,
-        "reward_seconds": 0.0,
-        "empty_steps": 0,
-    }
 
 
 def _run_local(problems, gen_spec, reward_spec, cfg, record, progress):
@@ -341,7 +328,7 @@ def _run_ray(problems, gen_spec, reward_spec, cfg, dcfg: DistributedConfig, reco
                 pass
         if owned:
             ray.shutdown()
-    search_stats = {**_empty_stats(), **stats.search}
+    search_stats = {**empty_stats(), **stats.search}
     extra = {
         "workers": n_workers,
         "chunk_size": size,
