@@ -191,6 +191,34 @@ def check_prompt_fits(
         )
 
 
+def continuation_sequences(
+    requests: Sequence[ContinuationRequest],
+    prompts: Sequence[list[int]],
+    encode: Callable[[str], list[int]],
+    n_ctx: int,
+    max_new: int = 0,
+) -> tuple[list[tuple[int, int, list[int], int]], list[Usage]]:
+    """The token sequences a logprob_of wave scores: (request, continuation, ids, n_prompt).
+
+    Usage.prompt_tokens counts every token fed to the model: the prompt once plus each
+    continuation's tokens (`calls` is 1 on the first request). `max_new` is what the engine
+    must generate per sequence (vLLM samples one token; a plain forward pass none).
+    """
+    seqs: list[tuple[int, int, list[int], int]] = []
+    usages = []
+    for i, (r, p) in enumerate(zip(requests, prompts, strict=True)):
+        usage = Usage(prompt_tokens=len(p), generated_tokens=max_new * len(r.continuations))
+        for j, c in enumerate(r.continuations):
+            cont = encode(c)
+            check_prompt_fits(i, len(p) + len(cont), max_new, n_ctx, what="prompt+continuation")
+            seqs.append((i, j, p + cont, len(p)))
+            usage.prompt_tokens += len(cont)
+        usages.append(usage)
+    if usages:
+        usages[0].calls = 1
+    return seqs, usages
+
+
 # --------------------------------------------------------------------------- prompt rendering
 
 

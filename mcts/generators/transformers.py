@@ -22,6 +22,7 @@ from mcts.generators.base import (
     StepBuilder,
     Wave,
     check_prompt_fits,
+    continuation_sequences,
     log_softmax,
     messages_as_dicts,
     run_wave,
@@ -260,18 +261,7 @@ class TransformersGenerator:
         if not requests:
             return np.zeros((0, 0)), []
         prompts = run_wave(requests, lambda i, r: self.encode(self.render(r.messages, r.prefix)))
-        seqs: list[tuple[int, int, list[int], int]] = []  # (req, cont, ids, n_prompt)
-        usages = []
-        for i, (r, p) in enumerate(zip(requests, prompts, strict=True)):
-            usage = Usage(prompt_tokens=len(p))
-            for j, c in enumerate(r.continuations):
-                cont = self.encode(c)
-                check_prompt_fits(i, len(p) + len(cont), 0, self.n_ctx, what="prompt+continuation")
-                seqs.append((i, j, p + cont, len(p)))
-                usage.prompt_tokens += len(cont)
-            usages.append(usage)
-        if usages:
-            usages[0].calls = 1
+        seqs, usages = continuation_sequences(requests, prompts, self.encode, self.n_ctx)
         out = np.full((len(requests), len(requests[0].continuations)), np.nan)
         for start in range(0, len(seqs), self.batch_size):
             chunk = seqs[start : start + self.batch_size]

@@ -39,6 +39,7 @@ from mcts.generators.base import (
     GenerationError,
     Wave,
     check_prompt_fits,
+    continuation_sequences,
     finish_step,
     messages_as_dicts,
     run_wave,
@@ -295,18 +296,7 @@ class VLLMGenerator:
         if not requests:
             return np.zeros((0, 0)), []
         prompts = run_wave(requests, lambda i, r: self.encode(self.render(r.messages, r.prefix)))
-        seqs: list[tuple[int, int, list[int], int]] = []  # (request, continuation, ids, n_prompt)
-        usages = []
-        for i, (r, p) in enumerate(zip(requests, prompts, strict=True)):
-            usage = Usage(prompt_tokens=len(p))
-            for j, c in enumerate(r.continuations):
-                cont = self.encode(c)
-                check_prompt_fits(i, len(p) + len(cont), 1, self.n_ctx, what="prompt+continuation")
-                seqs.append((i, j, p + cont, len(p)))
-                usage.prompt_tokens += len(cont)
-                usage.generated_tokens += 1
-            usages.append(usage)
-        usages[0].calls = 1
+        seqs, usages = continuation_sequences(requests, prompts, self.encode, self.n_ctx, 1)
         sp = SamplingParams(n=1, max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         outs = self._run([s[2] for s in seqs], [sp] * len(seqs), "logprob_of")
         values = np.full((len(requests), len(requests[0].continuations)), np.nan)
