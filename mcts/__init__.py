@@ -1,22 +1,21 @@
 """mcts: batched Monte Carlo tree search for LLM reasoning.
 
-`from mcts import search` is the library entry point; the heavy modules load lazily so
-`import mcts` stays cheap (the numba kernels compile, or load from cache, on first use).
+`from mcts import search` is the library entry point. It is imported eagerly: the function
+shares its name with the module `mcts.search`, and a lazy lookup would hand out the module
+whenever the submodule had been imported first.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from mcts.search import search
+
 __all__ = ["search", "Forest"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    if name == "search":
-        from mcts.search import search
-
-        return search
     if name == "Forest":
         from mcts.tree import Forest
 

@@ -204,3 +204,13 @@ def test_dirichlet_noise_does_not_depend_on_batch_company():
     assert a == b
     plain = search(problems(5), FakeGenerator(), FakePRM(), cfg(token_budget=16)).results
     assert a != [[round(r.tree.nodes[k]["prior"], 12) for k in r.tree.successors(0)] for r in plain]
+
+
+def test_from_mcts_import_search_is_the_function_in_any_import_order():
+    import subprocess
+    import sys
+
+    for first in ("", "import mcts.search; ", "from mcts.config import SearchConfig; "):
+        code = f"{first}from mcts import search; assert callable(search), search; print('ok')"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.stdout.strip() == "ok", out.stderr
