@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,7 +170,9 @@ class Search:
             self._forest.reset(n)
         return self._forest
 
-    def _run_batch(self, problems: list[Problem]) -> list[ProblemResult]:
+    def _run_batch(self, problems: list[Problem]) -> Iterator[ProblemResult]:
+        """Search one batch, yielding each problem the moment its tree retires (so the
+        caller can append it to results.jsonl before the rest of the batch is done)."""
         cfg = self.cfg
         n = len(problems)
         state = BatchState(
@@ -184,7 +186,6 @@ class Search:
         )
         policy = make_policy(cfg)
         policy.start(state)
-        finished: list[ProblemResult] = []
         idle = np.zeros(n, dtype=np.int64)  # consecutive waves a live tree asked for nothing
         while state.live.any() and state.wave < cfg.max_waves:
             exps = self._fit_budget(state, policy.propose(state))
@@ -202,10 +203,9 @@ class Search:
                     or policy.done(state, t)
                     or idle[t] > cfg.max_idle_waves
                 ):
-                    finished.append(self._finish(state, policy, t))
+                    yield self._finish(state, policy, t)
         for t in np.flatnonzero(state.live):
-            finished.append(self._finish(state, policy, int(t)))
-        return finished
+            yield self._finish(state, policy, int(t))
 
     def _fit_budget(self, state: BatchState, exps: list[Expansion]) -> list[Expansion]:
         """Shrink or drop requests so each problem's worst case fits its remaining budget."""

@@ -214,3 +214,14 @@ def test_from_mcts_import_search_is_the_function_in_any_import_order():
         code = f"{first}from mcts import search; assert callable(search), search; print('ok')"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_results_stream_out_as_trees_retire_not_at_batch_end():
+    gen = FakeGenerator()
+    seen: list[int] = []
+    engine = Search(
+        gen, FakePRM(), cfg(algorithm="mcts"), on_result=lambda r: seen.append(gen.calls)
+    )
+    engine.run(problems(6))  # one batch of 6
+    assert len(seen) == 6
+    assert min(seen) < gen.calls  # the first result was handed out before the last wave
