@@ -127,8 +127,6 @@ class SearchConfig:
             raise bad("dirichlet_alpha", "alpha must be >= 0 and eps in [0, 1]")
         if not 0 <= self.pair_margin <= 1:
             raise bad("pair_margin", "must be in [0, 1]")
-        if self.algorithm == "dvts" and self.beam_width % 1:
-            raise bad("beam_width", "must be an integer")
 
     @classmethod
     def from_dict(cls, d: dict) -> SearchConfig:

@@ -288,8 +288,6 @@ class Search:
             t0 = time.perf_counter()
             try:
                 vals = self.reward.score(items)
-            except SearchError:
-                raise
             except Exception as err:
                 raise SearchError(
                     f"reward {type(self.reward).__name__} failed in wave {state.wave}: {err}"
