@@ -1,10 +1,12 @@
 """Accuracy of the selected answer against generated tokens, per search method.
 
 One command runs every method at every budget on the same problems with the same model
-and reward, and writes:
+and reward. Each finished (run, budget) cell is appended to benchmarks/out/budget_curves.jsonl
+at once, and a rerun skips the cells already there (so a long run resumes, and cells can be
+split over processes with --runs). From that log it writes, atomically:
   benchmarks/out/budget_curves.csv   one row per (method, budget)
   benchmarks/out/budget_curves.png   accuracy vs mean generated tokens, a line per method
-  the "Budget curves" section of benchmarks/RESULTS.md (with the command)
+  with --write-results, the "Budget curves" section of benchmarks/RESULTS.md (with the command)
 
 Accuracy is the ONE answer each method selects (95% Wilson interval); pass@k of the tree is
 reported beside it, never instead. The reward is the policy model's own judge (no reference
@@ -12,14 +14,19 @@ answer at search time). Engine efficiency (calls per wave, batch size, prefix-ca
 rate, tokens/s) and search overhead (share of wall time outside model calls) come from the
 same runs.
 
-    .venv/bin/python benchmarks/budget_curves.py --quick        # ~5 min on 2 cores
-    .venv/bin/python benchmarks/budget_curves.py                # 100 problems, 4 budgets
+    .venv/bin/python benchmarks/budget_curves.py --quick     # ~5 min, writes benchmarks/out/quick/
+    .venv/bin/python benchmarks/budget_curves.py --write-results   # 100 problems, 4 budgets
+    # on 2 cores, two halves side by side, then the report:
+    .venv/bin/python benchmarks/budget_curves.py --runs mcts best_of_n beam &
+    .venv/bin/python benchmarks/budget_curves.py --runs rest_mcts dvts; wait
+    .venv/bin/python benchmarks/budget_curves.py --report --write-results
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import sys
@@ -33,16 +40,29 @@ from benchmarks._results import write_section  # noqa: E402
 from mcts.config import SearchConfig  # noqa: E402
 from mcts.search import search  # noqa: E402
 
-METHODS = {
+# What is run. best_of_n runs once with prm_max (every step scored) and the four sampling
+# methods below are read off its `picks`: the samples depend only on (seed, problem, sample
+# index), so they are exactly the samples separate runs would draw (tests/test_search.py
+# checks pick for pick). Their token cost is the same by construction.
+RUNS = {
     "mcts": {"algorithm": "mcts"},
     "rest_mcts": {"algorithm": "rest_mcts"},
-    "bon_orm": {"algorithm": "best_of_n", "bon_aggregation": "orm_max"},
-    "bon_prm": {"algorithm": "best_of_n", "bon_aggregation": "prm_max"},
-    "bon_wvote": {"algorithm": "best_of_n", "bon_aggregation": "weighted_vote"},
-    "self_consistency": {"algorithm": "self_consistency"},
+    "best_of_n": {"algorithm": "best_of_n", "bon_aggregation": "prm_max"},
     "beam": {"algorithm": "beam", "beam_width": 2, "beam_expansions": 2},
     "dvts": {"algorithm": "dvts", "beam_width": 2, "beam_expansions": 2},
 }
+# Reported method -> (run, aggregation read from the run's picks, or None for its own pick).
+METHODS = {
+    "mcts": ("mcts", None),
+    "rest_mcts": ("rest_mcts", None),
+    "bon_orm": ("best_of_n", "orm_max"),
+    "bon_prm": ("best_of_n", "prm_max"),
+    "bon_wvote": ("best_of_n", "weighted_vote"),
+    "self_consistency": ("best_of_n", "vote"),
+    "beam": ("beam", None),
+    "dvts": ("dvts", None),
+}
+OUT = ROOT / "benchmarks" / "out"
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -55,7 +75,66 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, c - h), min(1.0, c + h)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def settings(args: argparse.Namespace) -> dict:
+    """What makes two rows comparable: rows of other settings in the log are ignored."""
+    return {
+        "problems": args.problems,
+        "seed": args.seed,
+        "k": args.k,
+        "step_tokens": args.step_tokens,
+        "solution_tokens": args.solution_tokens,
+    }
+
+
+def load_rows(log: Path, args: argparse.Namespace) -> list[dict]:
+    if not log.exists():
+        return []
+    key = settings(args)
+    rows = []
+    for line in log.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if all(row.get(k) == v for k, v in key.items()):
+                rows.append(row)
+    return rows
+
+
+def method_rows(run_name: str, budget: int, res, wall: float, args: argparse.Namespace):
+    """The reported rows (one per method read off this run) for one (run, budget)."""
+    s = res.summary
+    n = len(res.results)
+    gen_tok = s["generated_tokens_per_problem"] * n
+    common = {
+        "budget": budget,
+        "run": run_name,
+        **settings(args),
+        "pass_at_k": s["pass_at_k"],
+        "gen_tokens_per_problem": s["generated_tokens_per_problem"],
+        "reward_tokens_per_problem": s["reward_tokens_per_problem"],
+        "generator_calls": s["generator_calls"],
+        "waves": s["waves"],
+        "mean_batch": s["mean_batch_per_call"],
+        "prefix_hit_rate": s["prefix_cache_hit_rate"],
+        "gen_tok_per_s": gen_tok / s["generator_seconds"] if s["generator_seconds"] else 0,
+        "overhead_share": s["overhead_share"],
+        "seconds": wall,
+    }
+    out = []
+    for method, (run, agg) in METHODS.items():
+        if run != run_name:
+            continue
+        if agg is None:
+            ok = [bool(r.correct) for r in res.results]
+        else:
+            ok = [bool(r.extra["picks"][agg]["correct"]) for r in res.results]
+        k = sum(ok)
+        lo, hi = wilson(k, n)
+        out.append({"method": method, "accuracy": k / n, "ci_low": lo, "ci_high": hi, **common})
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run every (budget, run) not yet in the log, appending its rows as it finishes."""
     from mcts.generators.factory import make_generator
     from mcts.tasks import load_task
     from rewards.factory import make_reward
@@ -73,103 +152,97 @@ def run(args: argparse.Namespace) -> list[dict]:
             "operators": ["+"],
         },
     }
+    done = {(r["run"], r["budget"]) for r in load_rows(args.log, args)}
+    todo = [(b, m) for b in args.budgets for m in args.runs if (m, b) not in done]
+    if not todo:
+        return
     problems = load_task(task)
     gen = make_generator({"backend": "llama_cpp", "n_threads": args.n_threads})
     reward = make_reward({"name": "judge"}, gen)
-    rows = []
-    for budget in args.budgets:
-        for name in args.methods:
-            kw = dict(METHODS[name])
-            cfg = SearchConfig(
-                token_budget=budget,
-                step_max_tokens=args.step_tokens,
-                solution_max_tokens=min(budget, args.solution_tokens),
-                min_step_tokens=8,
-                max_depth=6,
-                n_children=args.k,
-                samples_per_wave=args.k,
-                seed=args.seed,
-                max_live_trees=args.problems,
-                **kw,
-            )
-            t0 = time.perf_counter()
-            res = search(problems, gen, reward, cfg)
-            wall = time.perf_counter() - t0
-            s = res.summary
-            n = len(res.results)
-            k = sum(r.correct for r in res.results)
-            lo, hi = wilson(k, n)
-            gen_tok = s["generated_tokens_per_problem"] * n
-            row = {
-                "method": name,
-                "budget": budget,
-                "problems": n,
-                "accuracy": k / n,
-                "ci_low": lo,
-                "ci_high": hi,
-                "pass_at_k": s["pass_at_k"],
-                "gen_tokens_per_problem": s["generated_tokens_per_problem"],
-                "reward_tokens_per_problem": s["reward_tokens_per_problem"],
-                "generator_calls": s["generator_calls"],
-                "waves": s["waves"],
-                "mean_batch": s["mean_batch_per_call"],
-                "prefix_hit_rate": s["prefix_cache_hit_rate"],
-                "gen_tok_per_s": gen_tok / s["generator_seconds"] if s["generator_seconds"] else 0,
-                "overhead_share": s["overhead_share"],
-                "seconds": wall,
-            }
-            rows.append(row)
+    for budget, name in todo:
+        cfg = SearchConfig(
+            token_budget=budget,
+            step_max_tokens=args.step_tokens,
+            solution_max_tokens=min(budget, args.solution_tokens),
+            min_step_tokens=8,
+            max_depth=6,
+            n_children=args.k,
+            samples_per_wave=args.k,
+            seed=args.seed,
+            max_live_trees=args.problems,
+            **RUNS[name],
+        )
+        t0 = time.perf_counter()
+        res = search(problems, gen, reward, cfg)
+        wall = time.perf_counter() - t0
+        rows = method_rows(name, budget, res, wall, args)
+        with open(args.log, "a") as fh:  # one write per (run, budget): a crash loses one cell
+            fh.write("".join(json.dumps(r) + "\n" for r in rows))
+            fh.flush()
+            os.fsync(fh.fileno())
+        for row in rows:
             print(
-                f"{name:17s} budget={budget:5d} acc={row['accuracy']:.2f} "
-                f"[{lo:.2f},{hi:.2f}] pass@k={row['pass_at_k']:.2f} "
-                f"tok={row['gen_tokens_per_problem']:.0f} overhead={row['overhead_share']:.2%} "
-                f"{wall:.0f}s",
+                f"{row['method']:17s} budget={budget:5d} acc={row['accuracy']:.2f} "
+                f"[{row['ci_low']:.2f},{row['ci_high']:.2f}] pass@k={row['pass_at_k']:.2f} "
+                f"tok={row['gen_tokens_per_problem']:.0f} "
+                f"overhead={row['overhead_share']:.2%} {wall:.0f}s",
                 flush=True,
             )
-    return rows
 
 
 def write(rows: list[dict], args: argparse.Namespace, cmd: str) -> None:
-    out = ROOT / "benchmarks" / "out"
+    """CSV and PNG from every row in the log (atomically), and the RESULTS.md table."""
+    order = list(METHODS)
+    rows = sorted(rows, key=lambda r: (r["budget"], order.index(r["method"])))
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "budget_curves.csv", "w", newline="") as fh:
+    tmp = out / "budget_curves.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    os.replace(tmp, out / "budget_curves.csv")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in args.methods:
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name in order:
         rs = [r for r in rows if r["method"] == name]
+        if not rs:
+            continue
         x = [r["gen_tokens_per_problem"] for r in rs]
         y = [r["accuracy"] for r in rs]
         err = [
             [r["accuracy"] - r["ci_low"] for r in rs],
             [r["ci_high"] - r["accuracy"] for r in rs],
         ]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name, alpha=0.85)
     ax.set_xlabel("generated tokens per problem (mean, actually spent)")
-    ax.set_ylabel("accuracy of the selected answer")
+    ax.set_ylabel("accuracy of the selected answer (95% CI)")
     ax.set_title(f"SmolLM2-135M, basic_arithmetic, {rows[0]['problems']} problems, judge reward")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "budget_curves.png", dpi=110)
-
+    fig.savefig(out / "budget_curves.png.tmp.png", dpi=110)
+    os.replace(out / "budget_curves.png.tmp.png", out / "budget_curves.png")
+    print(f"wrote {out / 'budget_curves.csv'} and {out / 'budget_curves.png'}")
+    if not args.write_results:
+        return
     lines = [
-        "## Budget curves",
-        "",
         f"Command: `{cmd}` ({time.strftime('%Y-%m-%d %H:%M')}, 2 cores, load average "
         f"{os.getloadavg()[0]:.1f} at the end). Task: reasoning-gym basic_arithmetic, 2 terms, "
-        f"1 digit, '+', seed {args.seed}; model SmolLM2-135M-Instruct Q4_1 (llama.cpp); reward: "
-        "the policy model as judge (no reference at search time); K = "
-        f"{args.k}, step max {args.step_tokens} tokens. CSV and plot: benchmarks/out/.",
+        f"1 digit, '+', {rows[0]['problems']} problems, task seed and search seed "
+        f"{args.seed}; model SmolLM2-135M-Instruct Q4_1 (llama.cpp, 1 thread); reward: the "
+        "policy model as judge (no reference at search time); K = "
+        f"{args.k}, step max {args.step_tokens} tokens, solution max {args.solution_tokens}. "
+        "bon_* and self_consistency are read off one best_of_n run per budget (column run; "
+        "its reward tokens are prm_max's, which scores every step). CSV and plot: "
+        "benchmarks/out/.",
         "",
         "| method | budget | acc (95% CI) | pass@k | gen tok/problem | reward tok/problem | "
-        "calls | mean batch | prefix hit | gen tok/s | overhead |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "calls | mean batch | prefix hit | gen tok/s | overhead | run (s) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
@@ -177,29 +250,39 @@ def write(rows: list[dict], args: argparse.Namespace, cmd: str) -> None:
             f"({r['ci_low']:.2f}-{r['ci_high']:.2f}) | {r['pass_at_k']:.2f} | "
             f"{r['gen_tokens_per_problem']:.0f} | {r['reward_tokens_per_problem']:.0f} | "
             f"{r['generator_calls']} | {r['mean_batch']:.1f} | {r['prefix_hit_rate']:.2f} | "
-            f"{r['gen_tok_per_s']:.1f} | {r['overhead_share']:.1%} |"
+            f"{r['gen_tok_per_s']:.1f} | {r['overhead_share']:.1%} | "
+            f"{r['run']} ({r['seconds']:.0f}) |"
         )
-    write_section("Budget curves", "\n".join(lines[2:]))
+    write_section("Budget curves", "\n".join(lines))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="20 problems, 2 budgets, 4 methods")
+    ap.add_argument("--quick", action="store_true", help="20 problems, 2 budgets, 3 runs")
     ap.add_argument("--problems", type=int, default=100)
-    ap.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 96, 128])
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--step-tokens", type=int, default=32)
     ap.add_argument("--solution-tokens", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-threads", type=int, default=2)
+    ap.add_argument("--n-threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--report", action="store_true", help="only rewrite CSV/PNG from the log")
+    ap.add_argument("--write-results", action="store_true", help="also update RESULTS.md")
     args = ap.parse_args()
     if args.quick:
         args.problems, args.budgets = 20, [64, 192]
-        args.methods = ["mcts", "bon_orm", "self_consistency", "beam"]
+        args.runs = ["mcts", "best_of_n", "beam"]
+        args.out = OUT / "quick"
+    args.log = args.out / "budget_curves.jsonl"
+    args.out.mkdir(parents=True, exist_ok=True)
     cmd = "python benchmarks/budget_curves.py " + " ".join(sys.argv[1:])
-    rows = run(args)
-    write(rows, args, cmd.strip())
+    if not args.report:
+        run(args)
+    rows = load_rows(args.log, args)
+    if rows:
+        write(rows, args, cmd.strip())
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ Node attributes (node 0 is the root, its text is ""):
   correct (bool | None: None where not a terminal with a checked answer), selected (bool: on the
   path of the selected answer).
 Edges go parent -> child.
+
+`extra` adds policy-specific columns to the results.jsonl row; best-of-N and
+self-consistency add `picks`: {aggregation: {"answer", "correct"}} for every aggregation the
+run's scores allow, chosen from the same samples.
 """
 
 from __future__ import annotations

@@ -448,6 +448,16 @@ class Search:
         node = int(policy.select(state, t))
         text = state.solution_text(t, node)
         graph, info = annotate_tree(state, t, node, self.cfg)
+        extra = {}
+        alternatives = getattr(policy, "alternatives", None)
+        if alternatives is not None:
+            extra["picks"] = {
+                name: {
+                    "answer": graph.nodes[n].get("answer"),
+                    "correct": bool(graph.nodes[n].get("correct")),
+                }
+                for name, n in alternatives(state, t).items()
+            }
         return ProblemResult(
             problem=p,
             algorithm=self.cfg.algorithm,
@@ -459,6 +469,7 @@ class Search:
             usage=state.usage[t],
             seconds=time.perf_counter() - state.started[t],
             tree=graph,
+            extra=extra,
         )
 
 

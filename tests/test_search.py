@@ -225,3 +225,34 @@ def test_results_stream_out_as_trees_retire_not_at_batch_end():
     engine.run(problems(6))  # one batch of 6
     assert len(seen) == 6
     assert min(seen) < gen.calls  # the first result was handed out before the last wave
+
+
+def test_best_of_n_picks_match_separate_runs_of_each_aggregation():
+    """One prm_max run records what every aggregation would pick from the same samples."""
+    probs = problems(6)
+    base = dict(algorithm="best_of_n", token_budget=40, samples_per_wave=2)
+    both = search(probs, FakeGenerator(), FakePRM(), cfg(**base, bon_aggregation="prm_max"))
+    separate = {
+        "prm_max": both,
+        "orm_max": search(
+            probs, FakeGenerator(), FakePRM(), cfg(**base, bon_aggregation="orm_max")
+        ),
+        "weighted_vote": search(
+            probs, FakeGenerator(), FakePRM(), cfg(**base, bon_aggregation="weighted_vote")
+        ),
+        "vote": search(
+            probs, FakeGenerator(), None, cfg(**{**base, "algorithm": "self_consistency"})
+        ),
+    }
+    for r in both.results:
+        assert set(r.extra["picks"]) == set(separate)
+        assert r.extra["picks"]["prm_max"] == {"answer": r.selected_answer, "correct": r.correct}
+    for agg, res in separate.items():
+        for r, alone in zip(both.results, res.results, strict=True):
+            assert r.extra["picks"][agg]["answer"] == alone.selected_answer, agg
+            assert r.extra["picks"][agg]["correct"] == alone.correct, agg
+    # The fakes give the aggregations something to disagree on.
+    assert any(len({v["answer"] for v in r.extra["picks"].values()}) > 1 for r in both.results)
+    sc = separate["vote"].results[0].extra["picks"]
+    assert set(sc) == {"vote"}
+    assert "picks" not in search(probs[:1], FakeGenerator(), FakePRM(), cfg()).results[0].extra

@@ -63,3 +63,7 @@ class Policy(Protocol):
     def select(self, state: BatchState, tree: int) -> int:
         """The node whose root path is the chosen solution."""
         ...
+
+    # Optional: `alternatives(state, tree) -> dict[str, int]`, the picks other selection rules
+    # would make from the same tree (best-of-N aggregations). The search records them in the
+    # result's `picks` so one run compares rules at equal cost.

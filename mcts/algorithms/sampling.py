@@ -64,6 +64,25 @@ class SamplingPolicy:
         return False  # sample until the budget is spent
 
     def select(self, state: BatchState, tree: int) -> int:
+        return self._pick(state, tree, self.agg)
+
+    def alternatives(self, state: BatchState, tree: int) -> dict[str, int]:
+        """The pick of every aggregation the scores of this run allow, from the SAME samples.
+
+        Samples depend only on (seed, problem, sample index), so these are exactly what a
+        separate run with that aggregation would choose; comparing them costs no tokens.
+        prm_max needs every step scored (a prm_max run); orm_max and weighted_vote need
+        final-step scores; vote needs none.
+        """
+        aggs = {
+            "prm_max": ["prm_max", "orm_max", "weighted_vote", "vote"],
+            "orm_max": ["orm_max", "weighted_vote", "vote"],
+            "weighted_vote": ["orm_max", "weighted_vote", "vote"],
+            "vote": ["vote"],
+        }[self.agg]
+        return {a: self._pick(state, tree, a) for a in aggs}
+
+    def _pick(self, state: BatchState, tree: int, agg: str) -> int:
         from mcts.targets import terminal_answers
 
         f = state.forest
@@ -73,17 +92,17 @@ class SamplingPolicy:
             return 0
         counts = np.array([state.nodes[tree][int(n)].count for n in terms], dtype=np.float64)
         final = np.nan_to_num(f.reward[tree, terms], nan=0.0)
-        if self.agg == "orm_max":
+        if agg == "orm_max":
             return int(terms[int(np.argmax(final))])
-        if self.agg == "prm_max":
+        if agg == "prm_max":
             fold = _FOLD[self.cfg.prm_aggregation]
-            agg = []
+            folded = []
             for n in terms:
                 path = f.path_to_root(tree, int(n))[1:]
-                agg.append(float(fold(np.nan_to_num(f.reward[tree, path], nan=0.0))))
-            return int(terms[int(np.argmax(agg))])
+                folded.append(float(fold(np.nan_to_num(f.reward[tree, path], nan=0.0))))
+            return int(terms[int(np.argmax(folded))])
         answers = terminal_answers(state, tree)
-        weights = counts if self.agg == "vote" else counts * final
+        weights = counts if agg == "vote" else counts * final
         pick = vote(
             (int(n), answers[int(n)], float(w)) for n, w in zip(terms, weights, strict=True)
         )
