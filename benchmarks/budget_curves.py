@@ -16,10 +16,9 @@ same runs.
 
     .venv/bin/python benchmarks/budget_curves.py --quick     # ~5 min, writes benchmarks/out/quick/
     .venv/bin/python benchmarks/budget_curves.py --write-results   # 100 problems, 4 budgets
-    # on 2 cores, two halves side by side, then the report:
-    .venv/bin/python benchmarks/budget_curves.py --runs mcts best_of_n beam &
-    .venv/bin/python benchmarks/budget_curves.py --runs rest_mcts dvts; wait
-    .venv/bin/python benchmarks/budget_curves.py --report --write-results
+    # on 2 cores: two workers take the cells in turn (claims in out/claims/), then report
+    .venv/bin/python benchmarks/budget_curves.py & .venv/bin/python benchmarks/budget_curves.py
+    wait; .venv/bin/python benchmarks/budget_curves.py --report --write-results
 """
 
 from __future__ import annotations
@@ -133,6 +132,52 @@ def method_rows(run_name: str, budget: int, res, wall: float, args: argparse.Nam
     return out
 
 
+def _claim_path(args: argparse.Namespace, budget: int, name: str) -> Path:
+    key = "-".join(str(v) for v in settings(args).values())
+    return args.out / "claims" / f"{name}-{budget}-{key}"
+
+
+def done_or_claimed(args: argparse.Namespace, budget: int, name: str) -> bool:
+    if any(r["run"] == name and r["budget"] == budget for r in load_rows(args.log, args)):
+        return True
+    path = _claim_path(args, budget, name)
+    return path.exists() and _alive(path)
+
+
+def _alive(path: Path) -> bool:
+    try:
+        os.kill(int(path.read_text() or 0), 0)
+        return True
+    except (ValueError, ProcessLookupError, FileNotFoundError):
+        return False
+    except PermissionError:
+        return True
+
+
+def claim(args: argparse.Namespace, budget: int, name: str) -> bool:
+    """Take a cell for this process: not in the log and not held by a live process.
+
+    Why: several processes (one per core) share one list of cells and each takes the next
+    free one, so they finish together; a claim left by a dead process is taken over.
+    """
+    if done_or_claimed(args, budget, name):
+        return False
+    path = _claim_path(args, budget, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)  # stale (its process is gone)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        fh.write(str(os.getpid()))
+    return True
+
+
+def release(args: argparse.Namespace, budget: int, name: str) -> None:
+    _claim_path(args, budget, name).unlink(missing_ok=True)
+
+
 def run(args: argparse.Namespace) -> None:
     """Run every (budget, run) not yet in the log, appending its rows as it finishes."""
     from mcts.generators.factory import make_generator
@@ -152,14 +197,15 @@ def run(args: argparse.Namespace) -> None:
             "operators": ["+"],
         },
     }
-    done = {(r["run"], r["budget"]) for r in load_rows(args.log, args)}
-    todo = [(b, m) for b in args.budgets for m in args.runs if (m, b) not in done]
-    if not todo:
+    cells = [(b, m) for b in args.budgets for m in args.runs]
+    if all(done_or_claimed(args, b, m) for b, m in cells):
         return
     problems = load_task(task)
     gen = make_generator({"backend": "llama_cpp", "n_threads": args.n_threads})
     reward = make_reward({"name": "judge"}, gen)
-    for budget, name in todo:
+    for budget, name in cells:
+        if not claim(args, budget, name):
+            continue  # done, or another process is running it
         cfg = SearchConfig(
             token_budget=budget,
             step_max_tokens=args.step_tokens,
@@ -180,6 +226,7 @@ def run(args: argparse.Namespace) -> None:
             fh.write("".join(json.dumps(r) + "\n" for r in rows))
             fh.flush()
             os.fsync(fh.fileno())
+        release(args, budget, name)
         for row in rows:
             print(
                 f"{row['method']:17s} budget={budget:5d} acc={row['accuracy']:.2f} "

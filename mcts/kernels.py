@@ -151,43 +151,56 @@ def _best_child(
     return best
 
 
-@intrinsic
-def _prefetch(typingctx, ary, i, j):
+def _prefetch_intrinsic(write: int, doc: str):
+    def impl(typingctx, ary, i, j):
+        def codegen(context, builder, sig, args):
+            aryty = sig.args[0]
+            arr = context.make_array(aryty)(context, builder, args[0])
+            inds = [
+                context.cast(builder, args[1], sig.args[1], types.intp),
+                context.cast(builder, args[2], sig.args[2], types.intp),
+            ]
+            ptr = cgutils.get_item_pointer2(
+                context,
+                builder,
+                data=arr.data,
+                shape=cgutils.unpack_tuple(builder, arr.shape),
+                strides=cgutils.unpack_tuple(builder, arr.strides),
+                layout=aryty.layout,
+                inds=inds,
+            )
+            i8p = builder.bitcast(ptr, ir.IntType(8).as_pointer())
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.VoidType(), [i8p.type, i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+            # (read or write, high locality, data cache)
+            rw = ir.Constant(i32, write)
+            builder.call(fn, [i8p, rw, ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+
+        return types.void(ary, i, j), codegen
+
+    impl.__doc__ = doc
+    return intrinsic(impl)
+
+
+_prefetch = _prefetch_intrinsic(
+    0,
     """Hint the CPU to load the cache line of ary[i, j] (a 2-D C array); no effect on results.
 
     Why: a descent is a chain of dependent cache misses once the trees outgrow the L3;
     issuing the loads of one tree's next level and then working on other trees lets the
     misses of many trees overlap instead of queueing one after another.
-    """
-
-    def codegen(context, builder, sig, args):
-        aryty = sig.args[0]
-        arr = context.make_array(aryty)(context, builder, args[0])
-        inds = [
-            context.cast(builder, args[1], sig.args[1], types.intp),
-            context.cast(builder, args[2], sig.args[2], types.intp),
-        ]
-        ptr = cgutils.get_item_pointer2(
-            context,
-            builder,
-            data=arr.data,
-            shape=cgutils.unpack_tuple(builder, arr.shape),
-            strides=cgutils.unpack_tuple(builder, arr.strides),
-            layout=aryty.layout,
-            inds=inds,
-        )
-        i8p = builder.bitcast(ptr, ir.IntType(8).as_pointer())
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p.type, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        # read, high locality, data cache
-        builder.call(fn, [i8p, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return types.void(ary, i, j), codegen
+    """,
+)
+_prefetch_w = _prefetch_intrinsic(
+    1,
+    """`_prefetch` with intent to write: the line arrives owned, so the stores that follow
+    (expand filling fresh slots) do not each wait for an ownership request.""",
+)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _best_child_clean(
     b,
     p,
@@ -254,6 +267,14 @@ def _pf_block(a, b, fc, k, step):
     for j in range(0, k, step):
         _prefetch(a, b, fc + j)
     _prefetch(a, b, fc + k - 1)
+
+
+@njit(cache=True, inline="always")
+def _pfw_block(a, b, fc, k, step):
+    """`_pf_block` with intent to write."""
+    for j in range(0, k, step):
+        _prefetch_w(a, b, fc + j)
+    _prefetch_w(a, b, fc + k - 1)
 
 
 @njit(cache=True)
@@ -385,7 +406,8 @@ def _select_chunk(
                         epoch[b, nd] = cur
                         done = True
                     else:
-                        epoch[b, nd] = cur
+                        if not clean:  # one leaf per tree: nothing to block this wave
+                            epoch[b, nd] = cur
                         pending[b, nd] = 1
                         out[offsets[b] + got[b]] = nd
                         got[b] += 1
@@ -691,12 +713,11 @@ def expand_kernel(
             b2 = trees[i + PF_AHEAD]
             f2 = out_first[i + PF_AHEAD]
             k2 = counts[i + PF_AHEAD]
-            _pf_block(parent, b2, f2, k2, 16)
-            _pf_block(first_child, b2, f2, k2, 16)
-            _pf_block(depth, b2, f2, k2, 16)
-            _pf_block(terminal, b2, f2, k2, 64)
-            _pf_block(prior, b2, f2, k2, 8)
-            _pf_block(reward, b2, f2, k2, 8)
+            _pfw_block(parent, b2, f2, k2, 16)
+            _pfw_block(first_child, b2, f2, k2, 16)
+            _pfw_block(depth, b2, f2, k2, 16)
+            _pfw_block(prior, b2, f2, k2, 8)
+            _pfw_block(reward, b2, f2, k2, 8)
         f = out_first[i]
         if f < 0:
             continue
@@ -707,14 +728,16 @@ def expand_kernel(
         o = child_off[i]
         # Slots past size are all-zero (the Forest allocates zeros, reset re-zeroes what was
         # used, failed calls write nothing), so visits, value_sum, n_children, vloss,
-        # pending and epoch of a new child are already 0: write only the rest.
+        # pending, epoch and terminal=False of a new child are already there: write only
+        # the rest (the fresh lines are prefetched with intent to write, above).
         for j in range(k):
             c = f + j
             parent[b, c] = nd
             first_child[b, c] = -1
             prior[b, c] = priors[o + j]
             reward[b, c] = rewards[o + j]
-            terminal[b, c] = terms[o + j]
+            if terms[o + j]:  # already False: no store, so the line is rarely touched
+                terminal[b, c] = True
             depth[b, c] = d
         first_child[b, nd] = f
         n_children[b, nd] = k
