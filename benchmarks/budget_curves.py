@@ -288,7 +288,7 @@ def write(rows: list[dict], args: argparse.Namespace, cmd: str) -> None:
         "benchmarks/out/.",
         "",
         "| method | budget | acc (95% CI) | pass@k | gen tok/problem | reward tok/problem | "
-        "calls | mean batch | prefix hit | gen tok/s | overhead | run (s) |",
+        "calls / waves | mean batch | prefix hit | gen tok/s | overhead | run (s) |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
@@ -296,7 +296,8 @@ def write(rows: list[dict], args: argparse.Namespace, cmd: str) -> None:
             f"| {r['method']} | {r['budget']} | {r['accuracy']:.2f} "
             f"({r['ci_low']:.2f}-{r['ci_high']:.2f}) | {r['pass_at_k']:.2f} | "
             f"{r['gen_tokens_per_problem']:.0f} | {r['reward_tokens_per_problem']:.0f} | "
-            f"{r['generator_calls']} | {r['mean_batch']:.1f} | {r['prefix_hit_rate']:.2f} | "
+            f"{r['generator_calls']} / {r['waves']} | {r['mean_batch']:.1f} | "
+            f"{r['prefix_hit_rate']:.2f} | "
             f"{r['gen_tok_per_s']:.1f} | {r['overhead_share']:.1%} | "
             f"{r['run']} ({r['seconds']:.0f}) |"
         )

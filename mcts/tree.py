@@ -177,8 +177,9 @@ class Forest:
         self._want_cache: dict[int, np.ndarray] = {}
         self._fill_cache: dict[tuple[int, type], np.ndarray] = {}
         self._param_cache: dict[tuple, tuple] = {}
-        # select's use of numba's threads: "auto" (measured, see _select_chunks), "serial"
-        # (one thread) or "parallel" (one chunk of trees per numba thread).
+        # Use of numba's threads: "auto" (measured on select, see _select_chunks), "serial"
+        # (one thread) or "parallel" (one chunk of trees per numba thread). expand and backup
+        # follow the choice select made for the same wave.
         self.threads: Literal["auto", "serial", "parallel"] = "auto"
         self._auto_cost: list[float | None] | None = None
         self._auto_calls = self._auto_next = self._auto_period = 0
