@@ -228,7 +228,8 @@ def main() -> None:
         f"Command: `{cmd}` ({time.strftime('%Y-%m-%d %H:%M')}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, numba "
         f"{numba.__version__}; 1-minute load average {min(loads):.1f}-{max(loads):.1f} during "
-        "the run, from other engineers' jobs: every column shares the CPU with them).",
+        "the run, this benchmark's own threads included: every column shares the CPU with "
+        "whatever else ran).",
         "Simulations/second; one simulation = select a leaf + expand K children + back up a "
         "constant value. numba columns: the public stepwise API the search uses (one "
         "Forest.select / expand / backup call per wave over all B trees, 1 leaf per tree), "
