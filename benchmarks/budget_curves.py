@@ -180,23 +180,15 @@ def release(args: argparse.Namespace, budget: int, name: str) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Run every (budget, run) not yet in the log, appending its rows as it finishes."""
+    import yaml
+
     from mcts.generators.factory import make_generator
     from mcts.tasks import load_task
     from rewards.factory import make_reward
 
-    task = {
-        "source": "reasoning_gym",
-        "name": "basic_arithmetic",
-        "size": args.problems,
-        "seed": args.seed,
-        "params": {
-            "min_terms": 2,
-            "max_terms": 2,
-            "min_digits": 1,
-            "max_digits": 1,
-            "operators": ["+"],
-        },
-    }
+    # The default task itself (configs/task/default.yaml), more problems of it.
+    task = yaml.safe_load((ROOT / "configs" / "task" / "default.yaml").read_text())
+    task.update(size=args.problems, seed=args.seed)
     cells = [(b, m) for b in args.budgets for m in args.runs]
     if all(done_or_claimed(args, b, m) for b, m in cells):
         return
