@@ -182,7 +182,7 @@ class Forest:
         # follow the choice select made for the same wave.
         self.threads: Literal["auto", "serial", "parallel"] = "auto"
         self._auto_cost: list[float | None] | None = None
-        self._auto_calls = self._auto_next = self._auto_period = 0
+        self._auto_calls = self._auto_next = self._auto_period = self._probe_left = 0
         self.reset(int(n_trees))
 
     # ------------------------------------------------------------------ storage
@@ -442,34 +442,42 @@ class Forest:
             self._auto_calls = 0
             self._auto_period = AUTO_PROBE
             self._auto_next = AUTO_PROBE
+            self._probe_left = 0
         self._auto_calls += 1
         serial, par = self._auto_cost
         if serial is None:
             return 1
-        if par is None:
-            return nt
-        use_par = par < serial
-        if self._auto_calls >= self._auto_next:  # probe the other choice
-            use_par = not use_par
+        if not self._probe_left and (par is None or self._auto_calls >= self._auto_next):
+            self._probe_left = 2  # probe the other choice: a warm-up call, then a measured one
+        best_par = par is not None and par < serial
+        use_par = not best_par if self._probe_left else best_par
         return nt if use_par else 1
 
     def _auto_update(self, parallel: bool, dt: float) -> None:
-        """Fold one select's time per pick into the moving average of its choice.
+        """Fold one select's time per pick into its choice's cost.
 
-        A probe that confirms the current choice doubles the probe period (up to 64x
-        AUTO_PROBE), so a choice that keeps losing costs ever less; a flip resets it.
+        The choice in use keeps a moving average. A probe of the other choice runs two
+        calls: the first is not counted (after a stretch of serial calls the pool's workers
+        are asleep, and waking them is not what steady parallel use pays), the second
+        replaces that choice's cost. A probe that confirms the current choice doubles the
+        probe period (up to 64x AUTO_PROBE), so a choice that keeps losing costs ever less;
+        a flip resets it.
         """
         cost = self._auto_cost
-        was_par = cost[1] is not None and cost[0] is not None and cost[1] < cost[0]
-        old = cost[int(parallel)]  # (capped: one slow outlier, e.g. a compile, fades fast)
-        cost[int(parallel)] = dt if old is None else 0.75 * min(old, 4 * dt) + 0.25 * dt
-        if self._auto_calls >= self._auto_next and None not in cost:
-            now_par = cost[1] < cost[0]
-            if now_par == was_par:
+        if self._probe_left:
+            self._probe_left -= 1
+            if self._probe_left:
+                return  # the warm-up call
+            was_par = cost[1] is not None and cost[1] < cost[0]
+            cost[int(parallel)] = dt
+            if (cost[1] < cost[0]) == was_par:
                 self._auto_period = min(2 * self._auto_period, 64 * AUTO_PROBE)
             else:
                 self._auto_period = AUTO_PROBE
             self._auto_next = self._auto_calls + self._auto_period
+            return
+        old = cost[int(parallel)]  # (capped: one slow outlier, e.g. a compile, fades fast)
+        cost[int(parallel)] = dt if old is None else 0.75 * min(old, 4 * dt) + 0.25 * dt
 
     def expand(
         self,
