@@ -276,6 +276,22 @@ def _pfw_block(a, b, fc, k, step):
     _prefetch_w(a, b, fc + k - 1)
 
 
+@njit(cache=True, inline="always")
+def _take_tree(nxt, t1, offsets, first_child, n_children, visits):
+    """The next tree from nxt on (< t1) that wants a leaf, with its root's lines prefetched.
+
+    Returns (tree, next nxt); tree is -1 when none is left.
+    """
+    while nxt < t1 and offsets[nxt + 1] == offsets[nxt]:
+        nxt += 1
+    if nxt >= t1:
+        return -1, nxt
+    _prefetch(first_child, nxt, 0)
+    _prefetch(n_children, nxt, 0)
+    _prefetch(visits, nxt, 0)
+    return nxt, nxt + 1
+
+
 @njit(cache=True)
 def _select_chunk(
     t0,
@@ -325,14 +341,8 @@ def _select_chunk(
     nxt = t0
     n_live = 0
     for i in range(LANES):
-        while nxt < t1 and offsets[nxt + 1] == offsets[nxt]:
-            nxt += 1
-        if nxt < t1:
-            lane_tree[i] = nxt
-            _prefetch(first_child, nxt, 0)
-            _prefetch(n_children, nxt, 0)
-            _prefetch(visits, nxt, 0)
-            nxt += 1
+        lane_tree[i], nxt = _take_tree(nxt, t1, offsets, first_child, n_children, visits)
+        if lane_tree[i] >= 0:
             n_live += 1
     while n_live > 0:
         for i in range(LANES):
@@ -434,16 +444,8 @@ def _select_chunk(
             if done:
                 lane_node[i] = 0
                 lane_scan[i] = False
-                while nxt < t1 and offsets[nxt + 1] == offsets[nxt]:
-                    nxt += 1
-                if nxt < t1:
-                    lane_tree[i] = nxt
-                    _prefetch(first_child, nxt, 0)
-                    _prefetch(n_children, nxt, 0)
-                    _prefetch(visits, nxt, 0)
-                    nxt += 1
-                else:
-                    lane_tree[i] = -1
+                lane_tree[i], nxt = _take_tree(nxt, t1, offsets, first_child, n_children, visits)
+                if lane_tree[i] < 0:
                     n_live -= 1
 
 
