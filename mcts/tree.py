@@ -34,6 +34,9 @@ AUTO_PROBE = 16
 """With threads="auto", select re-times the choice not in use after AUTO_PROBE calls
 (then after ever longer periods while the choice holds)."""
 
+PARENT_TERM_N = 4096
+"""Parent visit counts below this take select's per-parent score factor from a table."""
+
 if TYPE_CHECKING:
     import networkx
 
@@ -380,6 +383,7 @@ class Forest:
             key, params = None, None
         if params is None:
             params = _select_params(*(rule, c_puct, c_base, c_init, vl_value, fpu))
+            params = (K.parent_term_table(PARENT_TERM_N, *params[:4]), *params)
             if key is not None:
                 if len(self._param_cache) > 64:
                     self._param_cache.clear()

@@ -146,8 +146,9 @@ def test_many_trees_lanes_and_threads_match_reference(n_trees, cfg, seed, thread
     prev = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
-        for _ in range(6):
-            want = rng.integers(0, 4, n_trees)
+        for wave in range(6):
+            # odd waves want <= 1 leaf per tree: select's clean path (nothing in flight)
+            want = rng.integers(0, 2 if wave % 2 else 4, n_trees)
             trees, nodes = forest.select(want, **cfg)
             rt, rn = ref.select(want.tolist(), **cfg)
             assert trees.tolist() == rt
@@ -163,3 +164,27 @@ def test_many_trees_lanes_and_threads_match_reference(n_trees, cfg, seed, thread
             assert not forest.vloss.any()
     finally:
         numba.set_num_threads(prev)
+
+
+@given(cfg=CONFIGS, extra=st.integers(0, 3))
+@settings(max_examples=10, deadline=None)
+def test_parent_visits_past_the_score_table_match_reference(cfg, extra):
+    """select takes the parent's score factor from a table below PARENT_TERM_N visits and
+    computes it above: both sides of the boundary must pick what the reference picks."""
+    from mcts.tree import PARENT_TERM_N
+
+    forest, ref = Forest(1, capacity=8), ReferenceForest(1)
+    n = PARENT_TERM_N - 2 + extra  # root visits end up on both sides of the boundary
+    tr, nd = forest.select(1)
+    ref.select([1])
+    forest.backup(np.zeros(n, np.int64), np.zeros(n, np.int64), np.full(n, 0.5))
+    ref.backup([0] * n, [0] * n, [0.5] * n)
+    forest.expand([0], [0], [3], np.array([0.2, 0.5, 0.3]))
+    ref.expand([0], [0], [3], [0.2, 0.5, 0.3])
+    for _ in range(4):
+        trees, nodes = forest.select(1, **cfg)
+        rt, rn = ref.select([1], **cfg)
+        assert nodes.tolist() == rn
+        forest.backup(trees, nodes, np.array([0.25]))
+        ref.backup(rt, rn, [0.25])
+    _state(forest, ref)
