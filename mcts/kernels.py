@@ -774,6 +774,7 @@ def expand_kernel(
     raise_on_full,
     out_first,
     n_chunks=1,
+    write_rewards=True,
 ):
     """Attach counts[i] children to leaf (trees[i], nodes[i]); children take fresh ids.
 
@@ -781,6 +782,7 @@ def expand_kernel(
     per-tree node cap: while the capacity is below it and a tree needs more room, ERR_GROW
     asks the caller to grow and call again; past it, leaves that do not fit get
     out_first = -1, or with raise_on_full ERR_FULL comes back before any write.
+    write_rewards=False skips storing `rewards` (all NaN): fresh slots already hold NaN.
     """
     n_trees, cap = parent.shape
     n = trees.shape[0]
@@ -876,6 +878,7 @@ def expand_kernel(
             terms,
             out_first,
             child_off,
+            write_rewards,
         )
     else:
         _expand_write(
@@ -896,6 +899,7 @@ def expand_kernel(
             terms,
             out_first,
             child_off,
+            write_rewards,
         )
     return OK, 0
 
@@ -919,6 +923,7 @@ def _expand_write(
     terms,
     out_first,
     child_off,
+    write_rewards,
 ):
     """Write the children of leaves lo..hi-1 (ids already allocated in out_first)."""
     for i in range(lo, hi):
@@ -927,10 +932,10 @@ def _expand_write(
             f2 = out_first[i + PF_AHEAD]
             k2 = counts[i + PF_AHEAD]
             _pfw_block(parent, b2, f2, k2, 16)
-            _pfw_block(first_child, b2, f2, k2, 16)
             _pfw_block(depth, b2, f2, k2, 16)
             _pfw_block(prior, b2, f2, k2, 8)
-            _pfw_block(reward, b2, f2, k2, 8)
+            if write_rewards:
+                _pfw_block(reward, b2, f2, k2, 8)
         f = out_first[i]
         b = trees[i]
         nd = nodes[i]
@@ -940,16 +945,16 @@ def _expand_write(
         k = counts[i]
         d = depth[b, nd] + 1
         o = child_off[i]
-        # Slots past size are all-zero (the Forest allocates zeros, reset re-zeroes what was
-        # used, failed calls write nothing), so visits, value_sum, n_children, vloss,
-        # pending, epoch and terminal=False of a new child are already there: write only
-        # the rest (the fresh lines are prefetched with intent to write, above).
+        # Slots past size hold a fresh leaf (the Forest allocates them so, reset restores
+        # what was used, failed calls write nothing): visits, value_sum, n_children, vloss,
+        # pending, epoch 0, terminal False, first_child -1 and reward NaN are already there.
+        # Write only the rest (the fresh lines are prefetched with intent to write, above).
         for j in range(k):
             c = f + j
             parent[b, c] = nd
-            first_child[b, c] = -1
             prior[b, c] = priors[o + j]
-            reward[b, c] = rewards[o + j]
+            if write_rewards:
+                reward[b, c] = rewards[o + j]
             if terms[o + j]:  # already False: no store, so the line is rarely touched
                 terminal[b, c] = True
             depth[b, c] = d
@@ -975,6 +980,7 @@ def _expand_write_par(
     terms,
     out_first,
     child_off,
+    write_rewards,
 ):
     """`_expand_write` over n_chunks slices of the leaves, one per thread (every leaf
     writes only its own fresh slots and its own links, so slices never overlap)."""
@@ -999,6 +1005,7 @@ def _expand_write_par(
             terms,
             out_first,
             child_off,
+            write_rewards,
         )
 
 

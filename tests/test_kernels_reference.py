@@ -35,6 +35,12 @@ def _state(forest: Forest, ref: ReferenceForest) -> None:
         assert forest.vloss[b, :s].tolist() == [n.vloss for n in tree.nodes]
         assert forest.parent[b, :s].tolist() == [-1] + [n.parent.id for n in tree.nodes[1:]]
         assert forest.terminal[b, :s].tolist() == [n.terminal for n in tree.nodes]
+        assert forest.first_child[b, :s].tolist() == [
+            n.children[0].id if n.children else -1 for n in tree.nodes
+        ]
+        assert forest.depth[b, :s].tolist() == [n.depth for n in tree.nodes]
+        assert forest.prior[b, :s].tolist() == [n.prior for n in tree.nodes]
+        np.testing.assert_array_equal(forest.reward[b, :s], [n.reward for n in tree.nodes])
     # select's vloss-free fast path relies on this count of in-flight picks being exact
     in_flight = sum(n.pending for tree in ref.trees for n in tree.nodes)
     assert forest._inflight == in_flight
@@ -96,14 +102,19 @@ def test_forest_matches_reference(scenario, data):
         total = sum(counts)
         priors = data.draw(st.lists(PRIORS, min_size=total, max_size=total))
         terms = data.draw(st.lists(st.booleans(), min_size=total, max_size=total))
+        # rewards given (stored) or not (fresh slots already read NaN, nothing written)
+        rewards = data.draw(
+            st.none() | st.lists(PRIORS | st.just(np.nan), min_size=total, max_size=total)
+        )
         firsts = forest.expand(
             np.array(exp_t, dtype=np.int64),
             np.array(exp_n, dtype=np.int64),
             np.array(counts, dtype=np.int64),
             np.array(priors),
+            None if rewards is None else np.array(rewards),
             terminal=np.array(terms, dtype=bool),
         )
-        rfirsts = ref.expand(exp_t, exp_n, counts, priors, terminal=terms)
+        rfirsts = ref.expand(exp_t, exp_n, counts, priors, rewards, terminal=terms)
         assert firsts.tolist() == rfirsts
         for b, n, f, k in zip(exp_t, exp_n, rfirsts, counts, strict=True):
             if wave["mode"] == "leaf":

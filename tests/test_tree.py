@@ -284,8 +284,14 @@ def test_reset_reuses_allocation_and_can_grow_batch():
     assert not f.visits.any() and not f.n_children.any()
     f.reset(5)
     assert f.n_trees == 5 and f.visits.shape == (5, cap)
-    t, _ = f.select(1)
+    t, n = f.select(1)
     assert t.tolist() == [0, 1, 2, 3, 4]
+    # reused slots read as fresh leaves again: expand writes neither first_child nor reward
+    assert (f.first_child[:, 1:] == -1).all() and np.isnan(f.reward).all()
+    first = f.expand(t, n, np.full(5, 2), np.full(10, 0.5))
+    kids = np.stack([first, first + 1], axis=1)
+    rows = np.arange(5)[:, None]
+    assert (f.first_child[rows, kids] == -1).all() and np.isnan(f.reward[rows, kids]).all()
 
 
 def test_views_are_read_only():
