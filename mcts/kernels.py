@@ -743,9 +743,9 @@ _F64_MAX = np.finfo(np.float64).max
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _unmark(n_children, trees, nodes, upto):
-    """Undo expand's -1 marks of leaves 0..upto-1 (a failed call leaves no trace)."""
-    for i in range(upto):
+def _unmark(n_children, trees, nodes, lo, hi):
+    """Undo expand's -1 marks of leaves lo..hi-1 (a failed call leaves no trace)."""
+    for i in range(lo, hi):
         n_children[trees[i], nodes[i]] = 0
 
 
@@ -788,36 +788,30 @@ def expand_kernel(
     n = trees.shape[0]
     # Per leaf checks. n_children of a checked leaf is set to -1 meanwhile, so a leaf that
     # appears twice fails as "already has children"; every return before the writes puts
-    # the 0 back (`_unmark`), and the writes store the real count.
-    total = 0
-    for i in range(n):
-        if i + PF_AHEAD < n:  # the leaf flags read below are cold: fetch them ahead
-            b2 = trees[i + PF_AHEAD]
-            n2 = nodes[i + PF_AHEAD]
-            if 0 <= b2 < n_trees and 0 <= n2 < cap:
-                _prefetch(terminal, b2, n2)
-                _prefetch(depth, b2, n2)
-        b = trees[i]
-        code = OK
-        if b < 0 or b >= n_trees:
-            code = ERR_TREE
-        else:
-            nd = nodes[i]
-            if nd < 0 or nd >= size[b]:
-                code = ERR_NODE
-            elif counts[i] <= 0:
-                code = ERR_COUNT
-            elif terminal[b, nd]:
-                code = ERR_TERMINAL
-            elif n_children[b, nd] != 0:
-                code = ERR_EXPANDED
+    # the 0 back (`_unmark`), and the writes store the real count. With threads and leaves
+    # ordered by tree (what select returns), slices cut at tree boundaries are checked and
+    # written by one thread each, the same thread that selected those trees (its cache
+    # holds their lines); a duplicate leaf then always falls in one slice.
+    need = size[:n_trees].astype(np.int64)
+    cuts = _tree_cuts(trees, n_chunks) if n_chunks > 1 and n >= 2 * n_chunks else _NO_CUTS
+    if cuts.shape[0] > 0:
+        res = _check_par(cuts, n_children, terminal, depth, size, trees, nodes, counts, need)
+        total = 0
+        for g in range(cuts.shape[0] - 1):
+            if res[g, 0] != OK:  # the first failing slice holds the first bad leaf
+                for h in range(cuts.shape[0] - 1):
+                    if res[h, 0] == OK:
+                        _unmark(n_children, trees, nodes, cuts[h], cuts[h + 1])
+                return res[g, 0], res[g, 1]
+            total += res[g, 2]
+    else:
+        code, info, total = _check_leaves(
+            0, n, n_children, terminal, depth, size, trees, nodes, counts, need
+        )
         if code != OK:
-            _unmark(n_children, trees, nodes, i)
-            return code, i
-        n_children[b, nd] = -1
-        total += counts[i]
+            return code, info
     if priors.shape[0] != total or rewards.shape[0] != total or terms.shape[0] != total:
-        _unmark(n_children, trees, nodes, n)
+        _unmark(n_children, trees, nodes, 0, n)
         return ERR_COUNT, -1
     # Priors finite and >= 0, rewards not +-inf: one branch-free pass (it vectorizes), and
     # a second one only to name the first bad entry.
@@ -826,7 +820,7 @@ def expand_kernel(
         p = priors[j]
         ok &= (p >= 0.0) & (p <= _F64_MAX) & (abs(rewards[j]) != np.inf)
     if not ok:
-        _unmark(n_children, trees, nodes, n)
+        _unmark(n_children, trees, nodes, 0, n)
         for j in range(total):
             p = priors[j]
             if not (p >= 0.0 and p <= _F64_MAX):
@@ -834,35 +828,26 @@ def expand_kernel(
             if np.isinf(rewards[j]):
                 return ERR_REWARD, j
     # Room: grow first if any tree needs more than the capacity allows.
-    need = size[:n_trees].astype(np.int64)
-    for i in range(n):
-        need[trees[i]] += counts[i]
     worst = 0
     for b in range(n_trees):
         if need[b] > worst:
             worst = need[b]
     if worst > cap and cap < limit:
-        _unmark(n_children, trees, nodes, n)
+        _unmark(n_children, trees, nodes, 0, n)
         return ERR_GROW, worst
     if raise_on_full:
         for b in range(n_trees):
             if need[b] > limit:
-                _unmark(n_children, trees, nodes, n)
+                _unmark(n_children, trees, nodes, 0, n)
                 return ERR_FULL, b
-    # Allocate ids (leaf order decides who fits), then write the children.
+    # Allocate ids (leaf order decides who fits) and write the children, per slice.
     child_off = np.empty(n + 1, np.int64)
     child_off[0] = 0
     for i in range(n):
         child_off[i + 1] = child_off[i] + counts[i]
-        b = trees[i]
-        if size[b] + counts[i] <= limit:
-            out_first[i] = size[b]
-            size[b] += counts[i]
-        else:
-            out_first[i] = -1
-    if n_chunks > 1 and n >= 2 * n_chunks:
+    if cuts.shape[0] > 0:
         _expand_write_par(
-            n_chunks,
+            cuts,
             parent,
             first_child,
             n_children,
@@ -870,6 +855,8 @@ def expand_kernel(
             reward,
             terminal,
             depth,
+            size,
+            limit,
             trees,
             nodes,
             counts,
@@ -891,6 +878,8 @@ def expand_kernel(
             reward,
             terminal,
             depth,
+            size,
+            limit,
             trees,
             nodes,
             counts,
@@ -904,6 +893,80 @@ def expand_kernel(
     return OK, 0
 
 
+_NO_CUTS = np.empty(0, np.int64)
+
+
+@njit(cache=True, error_model="numpy")
+def _tree_cuts(trees, n_chunks):
+    """Bounds of n_chunks slices of 0..n that never split a tree's entries, or an empty
+    array when trees are not in non-decreasing order (no such slicing exists)."""
+    n = trees.shape[0]
+    for i in range(1, n):
+        if trees[i] < trees[i - 1]:
+            return np.empty(0, np.int64)
+    cuts = np.empty(n_chunks + 1, np.int64)
+    cuts[0] = 0
+    cuts[n_chunks] = n
+    for g in range(1, n_chunks):
+        c = max(cuts[g - 1], g * n // n_chunks)
+        while 0 < c < n and trees[c] == trees[c - 1]:
+            c += 1
+        cuts[g] = c
+    return cuts
+
+
+@njit(cache=True, error_model="numpy")
+def _check_leaves(lo, hi, n_children, terminal, depth, size, trees, nodes, counts, need):
+    """expand's per-leaf checks of leaves lo..hi-1: marks each (n_children = -1) and adds
+    its count to need[tree]. Returns (code, first bad index, children total); on an
+    error the marks of this range are undone."""
+    n_trees, cap = terminal.shape
+    total = 0
+    for i in range(lo, hi):
+        if i + PF_AHEAD < hi:  # the leaf flags read below are cold: fetch them ahead
+            b2 = trees[i + PF_AHEAD]
+            n2 = nodes[i + PF_AHEAD]
+            if 0 <= b2 < n_trees and 0 <= n2 < cap:
+                _prefetch(terminal, b2, n2)
+                _prefetch(depth, b2, n2)
+        b = trees[i]
+        code = OK
+        if b < 0 or b >= n_trees:
+            code = ERR_TREE
+        else:
+            nd = nodes[i]
+            if nd < 0 or nd >= size[b]:
+                code = ERR_NODE
+            elif counts[i] <= 0:
+                code = ERR_COUNT
+            elif terminal[b, nd]:
+                code = ERR_TERMINAL
+            elif n_children[b, nd] != 0:
+                code = ERR_EXPANDED
+        if code != OK:
+            _unmark(n_children, trees, nodes, lo, i)
+            return code, i, 0
+        n_children[b, nd] = -1
+        need[b] += counts[i]
+        total += counts[i]
+    return OK, hi, total
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _check_par(cuts, n_children, terminal, depth, size, trees, nodes, counts, need):
+    """`_check_leaves` per slice, one thread each; rows of (code, index, total)."""
+    n_chunks = cuts.shape[0] - 1
+    res = np.zeros((n_chunks, 3), np.int64)
+    for g in prange(n_chunks):
+        code, info, total = _check_leaves(
+            cuts[g], cuts[g + 1], n_children, terminal, depth, size, trees, nodes, counts, need
+        )
+        res[g, 0] = code
+        res[g, 1] = info
+        res[g, 2] = total
+    return res
+
+
 @njit(cache=True, error_model="numpy")
 def _expand_write(
     lo,
@@ -915,6 +978,8 @@ def _expand_write(
     reward,
     terminal,
     depth,
+    size,
+    limit,
     trees,
     nodes,
     counts,
@@ -925,7 +990,15 @@ def _expand_write(
     child_off,
     write_rewards,
 ):
-    """Write the children of leaves lo..hi-1 (ids already allocated in out_first)."""
+    """Allocate ids for leaves lo..hi-1 (out_first; -1 past `limit`) and write their
+    children. The caller gives each tree's leaves to one range, in order."""
+    for i in range(lo, hi):
+        b = trees[i]
+        if size[b] + counts[i] <= limit:
+            out_first[i] = size[b]
+            size[b] += counts[i]
+        else:
+            out_first[i] = -1
     for i in range(lo, hi):
         if i + PF_AHEAD < hi and out_first[i + PF_AHEAD] >= 0:  # new slots are cold
             b2 = trees[i + PF_AHEAD]
@@ -964,7 +1037,7 @@ def _expand_write(
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def _expand_write_par(
-    n_chunks,
+    cuts,
     parent,
     first_child,
     n_children,
@@ -972,6 +1045,8 @@ def _expand_write_par(
     reward,
     terminal,
     depth,
+    size,
+    limit,
     trees,
     nodes,
     counts,
@@ -982,14 +1057,11 @@ def _expand_write_par(
     child_off,
     write_rewards,
 ):
-    """`_expand_write` over n_chunks slices of the leaves, one per thread (every leaf
-    writes only its own fresh slots and its own links, so slices never overlap)."""
-    n = trees.shape[0]
-    per = (n + n_chunks - 1) // n_chunks
-    for g in prange(n_chunks):
+    """`_expand_write` over the slices of `cuts` (whole trees each), one per thread."""
+    for g in prange(cuts.shape[0] - 1):
         _expand_write(
-            g * per,
-            min(n, (g + 1) * per),
+            cuts[g],
+            cuts[g + 1],
             parent,
             first_child,
             n_children,
@@ -997,6 +1069,8 @@ def _expand_write_par(
             reward,
             terminal,
             depth,
+            size,
+            limit,
             trees,
             nodes,
             counts,
@@ -1025,7 +1099,6 @@ def backup_kernel(
     """
     n_trees = parent.shape[0]
     n = trees.shape[0]
-    ordered = True
     for i in range(n):
         b = trees[i]
         if b < 0 or b >= n_trees:
@@ -1034,20 +1107,12 @@ def backup_kernel(
             return ERR_NODE, i
         if not np.isfinite(values[i]):
             return ERR_VALUE, i
-        if i > 0 and b < trees[i - 1]:
-            ordered = False
-    if n_chunks > 1 and ordered and n >= 2 * n_chunks:
-        cuts = np.empty(n_chunks + 1, np.int64)
-        cuts[0] = 0
-        cuts[n_chunks] = n
-        for g in range(1, n_chunks):
-            c = max(cuts[g - 1], g * n // n_chunks)
-            while 0 < c < n and trees[c] == trees[c - 1]:
-                c += 1
-            cuts[g] = c
-        return OK, _backup_par(
-            parent, visits, value_sum, vloss, pending, trees, nodes, values, cuts
-        )
+    if n_chunks > 1 and n >= 2 * n_chunks:
+        cuts = _tree_cuts(trees, n_chunks)
+        if cuts.shape[0] > 0:
+            return OK, _backup_par(
+                parent, visits, value_sum, vloss, pending, trees, nodes, values, cuts
+            )
     return OK, _backup_range(0, n, parent, visits, value_sum, vloss, pending, trees, nodes, values)
 
 

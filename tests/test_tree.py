@@ -347,3 +347,34 @@ def test_thread_policy_never_changes_picks_and_rejects_bad_values():
     f.threads = "many"
     with pytest.raises(ValueError, match="Forest.threads"):
         f.select(1)
+
+
+@pytest.mark.parametrize("policy", ["serial", "parallel"])
+def test_expand_errors_in_any_thread_slice_leave_no_trace(policy):
+    """With threads, expand checks leaves in per-thread slices of whole trees: an error in
+    either slice must name the first bad leaf and undo every slice's marks."""
+    import numba
+
+    prev = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        f = Forest(100, capacity=4)
+        f.threads = policy
+        t, n = f.select(1)
+        f.expand(t, n, np.full(100, 2), np.full(200, 0.5))
+        f.backup(t, n, np.full(100, 0.5))
+        t, n = f.select(1)  # one fresh leaf per tree, ordered by tree
+        f.mark_terminal([t[90]], [n[90]])  # a terminal leaf in the second slice
+        size0, kids0 = f.size.copy(), f.n_children.copy()
+        with pytest.raises(ValueError, match=f"node {n[90]} of tree 90 is terminal"):
+            f.expand(t, n, np.full(100, 2), np.full(200, 0.5))
+        t2, n2 = np.insert(t, 11, t[10]), np.insert(n, 11, n[10])  # tree 10's leaf twice
+        with pytest.raises(ValueError, match="appears twice"):
+            f.expand(t2, n2, np.full(101, 2), np.full(202, 0.5))
+        assert np.array_equal(f.size, size0) and np.array_equal(f.n_children, kids0)
+        keep = np.arange(100) != 90
+        first = f.expand(t[keep], n[keep], np.full(99, 2), np.full(198, 0.25))
+        assert (first >= 3).all() and (f.n_children[t[keep], n[keep]] == 2).all()
+        assert (f.parent[t[keep], first] == n[keep]).all()
+    finally:
+        numba.set_num_threads(prev)
