@@ -6,8 +6,8 @@ anything (an error code comes back, never a half-applied wave). select, the writ
 expand and backup can each run on `n_chunks` threads (`prange` over slices of whole trees
 or of leaves, so results never depend on it); the Forest decides per wave whether the pool
 pays (Forest.threads: on a busy machine a parallel region waits for a descheduled thread,
-and serial is faster; measured either way, see Forest._select_chunks). Validation and id
-allocation stay serial: they are short streams over small arrays.
+and serial is faster; measured either way, see Forest._select_chunks). expand's checks and
+id allocation run in the same tree slices as its writes; backup's checks stay serial.
 
 Memory: at B=1024 x 256 simulations the arrays (~110 MB) outgrow the L3, so a descent is a
 chain of cache misses. `select` therefore runs LANES descents per thread in lockstep and
@@ -21,8 +21,9 @@ which on a busy machine starves the very thread it waits for (measured: 2 thread
 GOMP_SPINCOUNT=10000 unless already set; it only takes effect if libgomp was not loaded
 yet (numba loads it at the first parallel call).
 
-Arrays are 2-D, (n_trees, capacity), C-contiguous; node ids are per-tree row indices and
-node 0 is each tree's root. Conventions shared with `mcts.tree`:
+Arrays are 2-D, (n_trees, capacity), rows contiguous or strided (the Forest interleaves
+visits/vloss/value_sum; prefetch steps follow each array's stride); node ids are per-tree
+row indices and node 0 is each tree's root. Conventions shared with `mcts.tree`:
 
 - visit/value statistics: ``visits[n] == (backups that started at n) + sum(visits[children])``.
 - virtual loss: ``vloss[n]`` counts in-flight picks whose root-to-leaf path contains n; each
@@ -295,16 +296,18 @@ PF_AHEAD = 8  # entries ahead whose cold lines a streaming loop prefetches
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _pf_block(a, b, fc, k, step):
-    """Prefetch the lines of a[b, fc:fc+k] (`step` elements per cache line)."""
+def _pf_block(a, b, fc, k):
+    """Prefetch the lines of a[b, fc:fc+k] (one per cache line, by the array's stride)."""
+    step = max(1, 64 // a.strides[1])
     for j in range(0, k, step):
         _prefetch(a, b, fc + j)
     _prefetch(a, b, fc + k - 1)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _pfw_block(a, b, fc, k, step):
+def _pfw_block(a, b, fc, k):
     """`_pf_block` with intent to write."""
+    step = max(1, 64 // a.strides[1])
     for j in range(0, k, step):
         _prefetch_w(a, b, fc + j)
     _prefetch_w(a, b, fc + k - 1)
@@ -466,11 +469,11 @@ def _select_chunk(
                             done = True
                 else:
                     fc = first_child[b, nd]
-                    _pf_block(visits, b, fc, k, 16)
-                    _pf_block(vloss, b, fc, k, 16)
-                    _pf_block(epoch, b, fc, k, 16)
-                    _pf_block(value_sum, b, fc, k, 8)
-                    _pf_block(prior, b, fc, k, 8)
+                    _pf_block(visits, b, fc, k)
+                    _pf_block(vloss, b, fc, k)
+                    _pf_block(epoch, b, fc, k)
+                    _pf_block(value_sum, b, fc, k)
+                    _pf_block(prior, b, fc, k)
                     lane_scan[i] = True
             if done:
                 lane_node[i] = 0
@@ -556,9 +559,9 @@ def _select_chunk_clean(
             k = n_children[b, nd]
             if k > 0:
                 fc = first_child[b, nd]
-                _pf_block(visits, b, fc, k, 16)
-                _pf_block(value_sum, b, fc, k, 8)
-                _pf_block(prior, b, fc, k, 8)
+                _pf_block(visits, b, fc, k)
+                _pf_block(value_sum, b, fc, k)
+                _pf_block(prior, b, fc, k)
                 lane_scan[i] = True
                 continue
             pending[b, nd] = 1
@@ -1004,11 +1007,11 @@ def _expand_write(
             b2 = trees[i + PF_AHEAD]
             f2 = out_first[i + PF_AHEAD]
             k2 = counts[i + PF_AHEAD]
-            _pfw_block(parent, b2, f2, k2, 16)
-            _pfw_block(depth, b2, f2, k2, 16)
-            _pfw_block(prior, b2, f2, k2, 8)
+            _pfw_block(parent, b2, f2, k2)
+            _pfw_block(depth, b2, f2, k2)
+            _pfw_block(prior, b2, f2, k2)
             if write_rewards:
-                _pfw_block(reward, b2, f2, k2, 8)
+                _pfw_block(reward, b2, f2, k2)
         f = out_first[i]
         b = trees[i]
         nd = nodes[i]
