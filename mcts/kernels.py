@@ -771,6 +771,7 @@ def expand_kernel(
     out_first,
     n_chunks=1,
     write_rewards=True,
+    has_terms=True,
 ):
     """Attach counts[i] children to leaf (trees[i], nodes[i]); children take fresh ids.
 
@@ -778,10 +779,20 @@ def expand_kernel(
     per-tree node cap: while the capacity is below it and a tree needs more room, ERR_GROW
     asks the caller to grow and call again; past it, leaves that do not fit get
     out_first = -1, or with raise_on_full ERR_FULL comes back before any write.
-    write_rewards=False skips storing `rewards` (all NaN): fresh slots already hold NaN.
+    write_rewards=False / has_terms=False: no rewards / terminal flags were given (the
+    arrays may then be empty); fresh slots already hold NaN / False, nothing is stored.
     """
     n_trees, cap = parent.shape
     n = trees.shape[0]
+    total = 0
+    for i in range(n):
+        total += counts[i]
+    if (
+        priors.shape[0] != total
+        or (write_rewards and rewards.shape[0] != total)
+        or (has_terms and terms.shape[0] != total)
+    ):
+        return ERR_COUNT, -1
     # Per leaf checks. n_children of a checked leaf is set to -1 meanwhile, so a leaf that
     # appears twice fails as "already has children"; every return before the writes puts
     # the 0 back (`_unmark`), and the writes store the real count. With threads and leaves
@@ -806,22 +817,22 @@ def expand_kernel(
         )
         if code != OK:
             return code, info
-    if priors.shape[0] != total or rewards.shape[0] != total or terms.shape[0] != total:
-        _unmark(n_children, trees, nodes, 0, n)
-        return ERR_COUNT, -1
     # Priors finite and >= 0, rewards not +-inf: one branch-free pass (it vectorizes), and
     # a second one only to name the first bad entry.
     ok = True
     for j in range(total):
         p = priors[j]
-        ok &= (p >= 0.0) & (p <= _F64_MAX) & (abs(rewards[j]) != np.inf)
+        ok &= (p >= 0.0) & (p <= _F64_MAX)
+    if write_rewards:
+        for j in range(total):
+            ok &= abs(rewards[j]) != np.inf
     if not ok:
         _unmark(n_children, trees, nodes, 0, n)
         for j in range(total):
             p = priors[j]
             if not (p >= 0.0 and p <= _F64_MAX):
                 return ERR_PRIOR, j
-            if np.isinf(rewards[j]):
+            if write_rewards and np.isinf(rewards[j]):
                 return ERR_REWARD, j
     # Room: grow first if any tree needs more than the capacity allows.
     worst = 0
@@ -862,6 +873,7 @@ def expand_kernel(
             out_first,
             child_off,
             write_rewards,
+            has_terms,
         )
     else:
         _expand_write(
@@ -885,6 +897,7 @@ def expand_kernel(
             out_first,
             child_off,
             write_rewards,
+            has_terms,
         )
     return OK, 0
 
@@ -985,6 +998,7 @@ def _expand_write(
     out_first,
     child_off,
     write_rewards,
+    has_terms,
 ):
     """Allocate ids for leaves lo..hi-1 (out_first; -1 past `limit`) and write their
     children. The caller gives each tree's leaves to one range, in order."""
@@ -1024,7 +1038,7 @@ def _expand_write(
             prior[b, c] = priors[o + j]
             if write_rewards:
                 reward[b, c] = rewards[o + j]
-            if terms[o + j]:  # already False: no store, so the line is rarely touched
+            if has_terms and terms[o + j]:  # already False: no store unless True
                 terminal[b, c] = True
             depth[b, c] = d
         first_child[b, nd] = f
@@ -1052,6 +1066,7 @@ def _expand_write_par(
     out_first,
     child_off,
     write_rewards,
+    has_terms,
 ):
     """`_expand_write` over the slices of `cuts` (whole trees each), one per thread."""
     for g in prange(cuts.shape[0] - 1):
@@ -1076,6 +1091,7 @@ def _expand_write_par(
             out_first,
             child_off,
             write_rewards,
+            has_terms,
         )
 
 

@@ -68,6 +68,8 @@ _STATS_DTYPE = np.dtype([(name, dict(_FIELDS)[name]) for name in _STATS])
 _FRESH = {"first_child": -1, "reward": np.nan}
 """What an unused slot holds where it is not 0: a fresh child is already a leaf with no
 reward, so expand writes neither (fewer cold lines per new child)."""
+_NO_F64 = np.empty(0, np.float64)
+_NO_BOOL = np.empty(0, np.bool_)
 _BY = {"visits": K.BY_VISITS, "value": K.BY_VALUE, "reward": K.BY_REWARD}
 
 
@@ -144,6 +146,8 @@ class NodeStore:
 
 
 def _as_1d(x: Any, dtype: Any, name: str) -> np.ndarray:
+    if type(x) is np.ndarray and x.dtype == dtype and x.ndim == 1 and x.flags.c_contiguous:
+        return x  # the common case (what select returns): no conversion, no checks to run
     a = np.asarray(x)
     if a.ndim == 0:
         a = a.reshape(1)
@@ -207,7 +211,6 @@ class Forest:
         self._rows = 0
         self._epoch = 0
         self._want_cache: dict[int, np.ndarray] = {}
-        self._fill_cache: dict[tuple[int, type], np.ndarray] = {}
         self._param_cache: dict[tuple, tuple] = {}
         # Use of numba's threads: "auto" (measured on select, see _select_chunks), "serial"
         # (one thread) or "parallel" (one chunk of trees per numba thread). expand and backup
@@ -237,20 +240,6 @@ class Forest:
         self._size = self._asize[:b]
         self._ones = np.ones(b, dtype=np.bool_)
         self._want_cache = {}
-
-    def _filled(self, n: int, value: float | bool) -> np.ndarray:
-        """A cached array of n copies of value (NaN rewards, False flags); kernels only read it.
-
-        Why: expand's defaults would otherwise allocate and fill two arrays every wave.
-        """
-        key = (n, type(value))
-        a = self._fill_cache.get(key)
-        if a is None:
-            if len(self._fill_cache) > 16:
-                self._fill_cache.clear()
-            a = np.full(n, value, dtype=np.bool_ if isinstance(value, bool) else np.float64)
-            self._fill_cache[key] = a
-        return a
 
     def _run(self, kernel: Any, *args: Any) -> Any:
         """Call a parallel kernel; with few trees on one thread.
@@ -547,21 +536,10 @@ class Forest:
             raise ValueError(
                 f"trees, nodes, counts must have equal length, got {tr.size}, {nd.size}, {ct.size}"
             )
-        total = int(ct.sum()) if ct.size else 0
         pr = _as_1d(priors, np.float64, "priors")
-        rw = (
-            self._filled(total, np.nan)
-            if rewards is None
-            else _as_1d(rewards, np.float64, "rewards")
-        )
-        te = (
-            self._filled(total, False)
-            if terminal is None
-            else _as_1d(terminal, np.bool_, "terminal")
-        )
-        for name, a in (("priors", pr), ("rewards", rw), ("terminal", te)):
-            if a.size != total:
-                raise ValueError(f"{name} must have counts.sum() = {total} entries, got {a.size}")
+        # not given: an empty array and a flag (fresh slots already hold NaN / False)
+        rw = _NO_F64 if rewards is None else _as_1d(rewards, np.float64, "rewards")
+        te = _NO_BOOL if terminal is None else _as_1d(terminal, np.bool_, "terminal")
         out = np.empty(tr.size, dtype=np.int64)
         while True:
             v = self._v
@@ -590,6 +568,7 @@ class Forest:
                 out,
                 self._pool_chunks,
                 rewards is not None,
+                terminal is not None,
             )
             if code != K.ERR_GROW:
                 break
@@ -597,6 +576,17 @@ class Forest:
         if code == K.OK:
             return out
         i = int(info)
+        if code == K.ERR_COUNT and i < 0:  # a flat array's length is not counts.sum()
+            total = int(ct.sum()) if ct.size else 0
+            for name, a, given in (
+                ("priors", pr, True),
+                ("rewards", rw, rewards is not None),
+                ("terminal", te, terminal is not None),
+            ):
+                if given and a.size != total:
+                    raise ValueError(
+                        f"{name} must have counts.sum() = {total} entries, got {a.size}"
+                    )
         if code == K.ERR_TREE:
             raise ValueError(f"trees[{i}] = {tr[i]} out of range [0, {self.n_trees})")
         if code == K.ERR_NODE:
