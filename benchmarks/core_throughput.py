@@ -11,7 +11,11 @@ The table (with this command) goes into the "Core throughput" section of
 benchmarks/RESULTS.md. --quick runs only B=1024, S=256, K=8 and ends with its ratios.
 Never a test: timings depend on the machine and its load (reported alongside).
 The numba rows go through the public Forest.select/expand/backup calls, one per wave,
-exactly as the search loop does; nothing fused.
+exactly as the search loop does; nothing fused. expand gets no rewards (stored as
+unscored, NaN); the search passes its reward scores, which adds their store.
+Side by side: for each (B, S, K) the numba columns and mctx are timed in alternating
+rounds (each round: every numba column once, then mctx once), because this VM's speed
+drifts by +-30% over seconds to minutes; the ratios compare medians of the same rounds.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +43,7 @@ from tests.reference_mcts import ReferenceForest  # noqa: E402
 VALUE = 0.5
 SECTION = "## Core throughput"
 QUICK_PY_TREES = 256
+SAMPLE_S = 0.5  # seconds of runs behind one numba sample (see numba_rate)
 JAX_CACHE = Path.home() / ".cache" / "mcts" / "jax_core_throughput"
 
 _WARM_SNIPPET = (
@@ -48,12 +54,15 @@ _WARM_SNIPPET = (
 )
 
 
-def numba_rate(forest: Forest, S: int, K: int, reps: int) -> float:
-    """Median over `reps` runs of S waves through the public stepwise API; simulations/s.
+def numba_rate(forest: Forest, S: int, K: int, reps: int, min_s: float = 0.0) -> float:
+    """Simulations/s of S waves through the public stepwise API: the median of `reps`
+    samples, each sample as many runs (>= 1) as fill `min_s` seconds, timed together.
 
     Each wave is what the search does: Forest.select (1 leaf per tree), Forest.expand
-    (K children each), Forest.backup (one value per leaf). The forest is reset between
-    runs (allocation reused, as the search does).
+    (K children each), Forest.backup (one value per leaf). The forest is reset before
+    each run (allocation reused, as the search does; the reset is not timed). Why min_s:
+    one run at B=1024 takes ~0.1 s and this VM's speed swings +-30% within a second, so a
+    sample as long as one mctx call (~1-3 s) sees the same mix of fast and slow moments.
     """
     B = forest.n_trees
     counts = np.full(B, K, dtype=np.int64)
@@ -61,16 +70,19 @@ def numba_rate(forest: Forest, S: int, K: int, reps: int) -> float:
     values = np.full(B, VALUE)
     rates = []
     for _ in range(reps):
-        forest.reset()
-        t = time.perf_counter()
-        for _ in range(S):
-            trees, nodes = forest.select(1)
-            n = trees.size
-            forest.expand(trees, nodes, counts[:n], priors[: n * K])
-            forest.backup(trees, nodes, values[:n])
-        dt = time.perf_counter() - t
-        assert int(forest.visits[:, 0].min()) == S, "every tree must have run S simulations"
-        rates.append(B * S / dt)
+        spent, runs = 0.0, 0
+        while runs == 0 or spent < min_s:
+            forest.reset()
+            t = time.perf_counter()
+            for _ in range(S):
+                trees, nodes = forest.select(1)
+                n = trees.size
+                forest.expand(trees, nodes, counts[:n], priors[: n * K])
+                forest.backup(trees, nodes, values[:n])
+            spent += time.perf_counter() - t
+            runs += 1
+            assert int(forest.visits[:, 0].min()) == S, "every tree must have run S simulations"
+        rates.append(B * S * runs / spent)
     return float(np.median(rates))
 
 
@@ -91,11 +103,12 @@ def python_rate(B: int, S: int, K: int, reps: int) -> float:
     return float(np.median(rates))
 
 
-def mctx_rate(B: int, S: int, K: int, reps: int) -> tuple[float, float] | None:
-    """(first-call seconds, median simulations/s) of mctx.muzero_policy on JAX CPU, or None.
+def mctx_runner(B: int, S: int, K: int) -> tuple[float, Callable[[], float]] | None:
+    """(first-call seconds, run) for mctx.muzero_policy on JAX CPU, or None without mctx.
 
-    JAX's persistent compilation cache (JAX_CACHE) is on, so the first call compiles
-    (cold cache) or loads the compiled search (warm); either way it is timed apart.
+    run() times one more call and returns its simulations/s. JAX's persistent compilation
+    cache (JAX_CACHE) is on, so the first call compiles (cold cache) or loads the compiled
+    search (warm); either way it is timed apart.
     """
     try:
         import jax
@@ -116,7 +129,7 @@ def mctx_rate(B: int, S: int, K: int, reps: int) -> tuple[float, float] | None:
         return out, embedding
 
     @jax.jit
-    def run(key):
+    def search(key):
         root = mctx.RootFnOutput(
             prior_logits=jnp.zeros((B, K)), value=jnp.full(B, VALUE), embedding=jnp.zeros(B)
         )
@@ -131,14 +144,20 @@ def mctx_rate(B: int, S: int, K: int, reps: int) -> tuple[float, float] | None:
 
     key = jax.random.PRNGKey(0)
     t = time.perf_counter()
-    run(key).block_until_ready()
+    search(key).block_until_ready()
     compile_s = time.perf_counter() - t
-    rates = []
-    for _ in range(reps):
+
+    def run() -> float:
         t = time.perf_counter()
-        run(key).block_until_ready()
-        rates.append(B * S / (time.perf_counter() - t))
-    return compile_s, float(np.median(rates))
+        search(key).block_until_ready()
+        return B * S / (time.perf_counter() - t)
+
+    return compile_s, run
+
+
+def _best(rates: dict[int, float], forced: float) -> float:
+    """The fastest numba column: 1 thread, 2 threads (auto) or 2 forced (NaN = not run)."""
+    return max([*rates.values(), forced if forced == forced else 0.0])
 
 
 def compile_times(cold: bool) -> dict[str, float]:
@@ -197,26 +216,39 @@ def main() -> None:
         small = B * S < 20000
         forest = Forest(B, capacity=1 + S * K)
         numba_rate(forest, S, K, 1)  # first touch of the allocation, outside the timing
-        rates = {}
-        for th in threads:
-            numba.set_num_threads(th)
-            rates[th] = numba_rate(forest, S, K, 7 if small else 5)
-        forced = float("nan")
-        if max(threads) > 1 and B >= PARALLEL_MIN_TREES:  # the thread pool on every select
-            forest.threads = "parallel"
-            forced = numba_rate(forest, S, K, 3 if args.quick else 5)
-            forest.threads = "auto"
+        # numba configurations: (threads, Forest.threads); "2 forced" only where the pool
+        # can be used at all (B >= PARALLEL_MIN_TREES, 2 threads available)
+        configs = [(th, "auto") for th in threads]
+        if max(threads) > 1 and B >= PARALLEL_MIN_TREES:
+            configs.append((max(threads), "parallel"))
+        mx = mctx_runner(B, S, K)
+        # Rounds: each round runs every numba configuration once and mctx once, so all of
+        # them see the same machine (its speed drifts by +-30% over minutes); medians over
+        # rounds.
+        runs: dict[object, list[float]] = {c: [] for c in configs}
+        runs["mctx"] = []
+        for _ in range(7 if small else 5):
+            for th, policy in configs:
+                numba.set_num_threads(th)
+                forest.threads = policy
+                runs[(th, policy)].append(numba_rate(forest, S, K, 1, min_s=SAMPLE_S))
+            if mx is not None:
+                runs["mctx"].append(mx[1]())
+        forest.threads = "auto"
         numba.set_num_threads(max(threads))
+        rates = {th: float(np.median(runs[(th, "auto")])) for th in threads}
+        pc = (max(threads), "parallel")
+        forced = float(np.median(runs[pc])) if pc in runs else float("nan")
+        mxr = (mx[0], float(np.median(runs["mctx"]))) if mx is not None else None
         py = python_rate(min(B, py_trees), S, K, 3 if small else 1)
-        mx = mctx_rate(B, S, K, 3 if small else 2)
         load1 = os.getloadavg()[0]
-        rows.append((B, S, K, rates, py, mx, (load0, load1), forced))
-        best = max(rates.values())
-        mx_txt = f"mctx {mx[1]:,.0f}/s" if mx else "mctx n/a"
+        rows.append((B, S, K, rates, py, mxr, (load0, load1), forced))
+        best = _best(rates, forced)
+        mx_txt = f"mctx {mxr[1]:,.0f}/s" if mxr else "mctx n/a"
         print(
-            f"B={B} S={S} K={K}: numba {' / '.join(f'{r:,.0f}' for r in rates.values())}/s, "
-            f"python {py:,.0f}/s ({min(B, py_trees)} trees), {mx_txt}, x{best / py:.0f} python "
-            f"(load {load0:.1f}-{load1:.1f})",
+            f"B={B} S={S} K={K}: numba {' / '.join(f'{r:,.0f}' for r in rates.values())}"
+            f" / forced {forced:,.0f}/s, python {py:,.0f}/s ({min(B, py_trees)} trees), "
+            f"{mx_txt}, x{best / py:.0f} python (load {load0:.1f}-{load1:.1f})",
             flush=True,
         )
 
@@ -233,12 +265,15 @@ def main() -> None:
         "Simulations/second; one simulation = select a leaf + expand K children + back up a "
         "constant value. numba columns: the public stepwise API the search uses (one "
         "Forest.select / expand / backup call per wave over all B trees, 1 leaf per tree), "
-        "median of 5-7 runs on a reused, reset forest. Plain Python: the node-object reference "
-        "(tests/reference_mcts.py), median of 1-3 runs"
+        f"median of 5-7 rounds on a reused, reset forest, each sample {SAMPLE_S} s or more of "
+        "back-to-back runs timed together. Plain Python: the node-object "
+        "reference (tests/reference_mcts.py), median of 1-3 runs"
         + (f" (--quick: on {QUICK_PY_TREES} of the B trees, same S and K)" if args.quick else "")
         + ". mctx: muzero_policy under jax.jit, "
-        "median of 2-3 runs after a first (compile) call. All three run the same B, S, K side "
-        "by side in this one process; ratios use the faster of the two numba columns.",
+        "one run per round after a first (compile) call. Each round runs every numba column "
+        "once and mctx once, back to back, so they share the machine's state (medians over "
+        "rounds); plain Python runs after. x Python / x mctx use the fastest numba column "
+        "(a user picks it with Forest.threads); x mctx auto uses the default threads=auto.",
         "",
         "numba 2 threads = numba.set_num_threads(2) with the Forest's default "
         'threads="auto" (select uses the pool only while it measures faster than one '
@@ -246,19 +281,20 @@ def main() -> None:
         "< 64, which always runs on one thread).",
         "",
         "| B | S | K | numba 1 thread | numba 2 threads | 2 forced | plain Python "
-        "| mctx (JAX CPU) | x Python | x mctx | load |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| mctx (JAX CPU) | x Python | x mctx | x mctx auto | load |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for B, S, K, rates, py, mx, (l0, l1), forced in rows:
-        best = max(rates.values())
+        best = _best(rates, forced)
         r1 = rates.get(1, float("nan"))
         r2 = rates.get(2, float("nan"))
         mxs = f"{mx[1]:,.0f}" if mx else "n/a"
         mxr = f"{best / mx[1]:.1f}" if mx else "n/a"
+        mxa = f"{max(rates.values()) / mx[1]:.1f}" if mx else "n/a"
         lines.append(
             f"| {B} | {S} | {K} | {r1:,.0f} | {r2:,.0f} | "
             f"{'-' if forced != forced else f'{forced:,.0f}'} | {py:,.0f} | {mxs} | {best / py:.0f} "
-            f"| {mxr} | {l0:.1f}-{l1:.1f} |"
+            f"| {mxr} | {mxa} | {l0:.1f}-{l1:.1f} |"
         )
     lines.append("")
     comp_txt = ", ".join(f"{k} cache {v:.2f} s" for k, v in comp.items())
@@ -274,21 +310,26 @@ def main() -> None:
     )
     r = next((r for r in rows if r[:3] == (1024, 256, 8)), None)
     if r is not None:
-        best = max(r[3].values())
+        best = _best(r[3], r[7])
         xp, xm = best / r[4], (best / r[5][1] if r[5] else float("nan"))
+        xa = max(r[3].values()) / r[5][1] if r[5] else float("nan")
         verdict = "met" if xp >= 100 and xm >= 30 else "NOT met"
         lines.append(
             f"Bar (B=1024, S=256, K=8: >= 100x plain Python and >= 30x mctx) in this run: "
-            f"{verdict} ({xp:.0f}x Python, {xm:.1f}x mctx)."
+            f"{verdict} ({xp:.0f}x Python, {xm:.1f}x mctx; default threads=auto {xa:.1f}x)."
         )
     lines.append("")
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
         write_results(text)
-    B, S, K, rates, py, mx, _, _ = next(r for r in rows if r[:3] == (1024, 256, 8))
-    best = max(rates.values())
-    mx_txt = f"{best / mx[1]:.1f}x mctx" if mx else "mctx not installed"
+    B, S, K, rates, py, mx, _, forced = next(r for r in rows if r[:3] == (1024, 256, 8))
+    best = _best(rates, forced)
+    mx_txt = (
+        f"{best / mx[1]:.1f}x mctx (auto {max(rates.values()) / mx[1]:.1f}x)"
+        if mx
+        else "mctx not installed"
+    )
     print(f"B=1024 S=256 K=8: numba {best:,.0f} sims/s = {best / py:.0f}x plain Python, {mx_txt}")
 
 
