@@ -3,11 +3,11 @@
 Why a struct of arrays: the statistics PUCT reads while descending (visits, value sums,
 priors) of one node's children sit in one contiguous block per array, so a descent touches
 a few cache lines per level, and a whole wave over all trees is one numba call. What a
-descent and a backup touch per node, visits, vloss, value_sum, first_child and n_children,
-is interleaved in one 24-byte record per node (each field exposed as a strided view): the
-scan of a node's children also brings in the chosen child's links, and a backup updates a
-node on one line (measured: backup ~25% and select ~10% faster per wave than separate
-arrays). Priors stay apart: with them in the record expand's writes spread over more lines
+descent, an expand check and a backup touch per node (visits, vloss, the terminal flag,
+value_sum, first_child, n_children) is interleaved in one 24-byte record per node (each
+field exposed as a strided view): the scan of a node's children also brings in the chosen
+child's links, and a backup updates a node on one line (measured: backup ~25% and select
+~10% faster per wave than separate arrays). Priors stay apart: with them in the record expand's writes spread over more lines
 and it got slower. Text never enters here: `NodeStore` keeps it on the Python side, keyed
 by (tree, node).
 
@@ -48,6 +48,8 @@ if TYPE_CHECKING:
     import networkx
 
 _INT_MAX = np.iinfo(np.int32).max
+MAX_IN_FLIGHT = int(np.iinfo(np.int16).max)
+"""Most picks one tree may have in flight (selected, not yet backed up): vloss is int16."""
 _FIELDS = (
     ("parent", np.int32),
     ("first_child", np.int32),
@@ -58,12 +60,14 @@ _FIELDS = (
     ("reward", np.float64),
     ("terminal", np.bool_),
     ("depth", np.int32),
-    ("vloss", np.int32),
+    ("vloss", np.int16),
     ("_pending", np.uint8),
     ("_epoch", np.int32),
 )
-_STATS = ("visits", "vloss", "value_sum", "first_child", "n_children")
-"""Fields stored interleaved, one 24-byte record per node (see the module docstring)."""
+_STATS = ("visits", "vloss", "terminal", "_pending", "value_sum", "first_child", "n_children")
+"""Fields stored interleaved, one 24-byte record per node (see the module docstring); vloss
+is int16 so the terminal and pending flags fit in it (expand checks the one, select and
+backup set and clear the other) and it stays 24 bytes: see MAX_IN_FLIGHT."""
 _STATS_DTYPE = np.dtype([(name, dict(_FIELDS)[name]) for name in _STATS])
 _FRESH = {"first_child": -1, "reward": np.nan}
 """What an unused slot holds where it is not 0: a fresh child is already a leaf with no
@@ -393,12 +397,23 @@ class Forest:
             want = self._want_cache.get(w)
             if want is None:
                 want = self._want_cache[w] = np.full(b, w, dtype=np.int64)
+            top = w
         else:
             want = _as_1d(leaves_per_tree, np.int64, "leaves_per_tree")
             if want.shape != (b,):
                 raise ValueError(f"leaves_per_tree must have shape ({b},), got {want.shape}")
             if (want < 0).any():
                 raise ValueError("leaves_per_tree must be >= 0 everywhere")
+            top = int(want.max()) if want.size else 0
+        if self._inflight + top > MAX_IN_FLIGHT:  # cheap bound first, then tree by tree
+            room = MAX_IN_FLIGHT - self._v["vloss"][:, 0].astype(np.int64)
+            if (want > room).any():
+                t = int(np.argmax(want > room))
+                raise ValueError(
+                    f"tree {t} would have more than MAX_IN_FLIGHT={MAX_IN_FLIGHT} picks in "
+                    "flight; back up (or clear_virtual_loss) what is in flight first, or ask "
+                    "for fewer leaves_per_tree"
+                )
         if active is None:
             act = self._ones
         else:

@@ -378,3 +378,16 @@ def test_expand_errors_in_any_thread_slice_leave_no_trace(policy):
         assert (f.parent[t[keep], first] == n[keep]).all()
     finally:
         numba.set_num_threads(prev)
+
+
+def test_in_flight_cap_is_a_clear_error():
+    """vloss is int16: asking for more picks in flight than MAX_IN_FLIGHT in one tree is
+    refused up front (nothing selected), not wrapped around."""
+    from mcts.tree import MAX_IN_FLIGHT
+
+    f = Forest(2, capacity=4)
+    with pytest.raises(ValueError, match="tree 1 would have more than MAX_IN_FLIGHT"):
+        f.select(np.array([0, MAX_IN_FLIGHT + 1]))
+    assert not f.vloss.any() and f.size.tolist() == [1, 1]
+    t, n = f.select(np.array([1, 1]))  # still usable
+    assert t.tolist() == [0, 1] and f.vloss.dtype == np.int16
