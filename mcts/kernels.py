@@ -314,7 +314,7 @@ def _pfw_block(a, b, fc, k):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _take_tree(nxt, t1, offsets, first_child, n_children, visits, value_sum):
+def _take_tree(nxt, t1, offsets, first_child, n_children, visits):
     """The next tree from nxt on (< t1) that wants a leaf, with its root's lines prefetched.
 
     Returns (tree, next nxt); tree is -1 when none is left.
@@ -326,7 +326,6 @@ def _take_tree(nxt, t1, offsets, first_child, n_children, visits, value_sum):
     _prefetch(first_child, nxt, 0)
     _prefetch(n_children, nxt, 0)
     _prefetch(visits, nxt, 0)
-    _prefetch(value_sum, nxt, 0)
     return nxt, nxt + 1
 
 
@@ -402,7 +401,7 @@ def _select_chunk(
     nxt = t0
     n_live = 0
     for i in range(LANES):
-        lane_tree[i], nxt = _take_tree(nxt, t1, offsets, first_child, n_children, visits, value_sum)
+        lane_tree[i], nxt = _take_tree(nxt, t1, offsets, first_child, n_children, visits)
         if lane_tree[i] >= 0:
             n_live += 1
     while n_live > 0:
@@ -478,9 +477,7 @@ def _select_chunk(
             if done:
                 lane_node[i] = 0
                 lane_scan[i] = False
-                lane_tree[i], nxt = _take_tree(
-                    nxt, t1, offsets, first_child, n_children, visits, value_sum
-                )
+                lane_tree[i], nxt = _take_tree(nxt, t1, offsets, first_child, n_children, visits)
                 if lane_tree[i] < 0:
                     n_live -= 1
 
@@ -523,7 +520,7 @@ def _select_chunk_clean(
     nxt = t0
     n_live = 0
     for i in range(LANES):
-        lane_tree[i], nxt = _take_tree(nxt, t1, offsets, first_child, n_children, visits, value_sum)
+        lane_tree[i], nxt = _take_tree(nxt, t1, offsets, first_child, n_children, visits)
         if lane_tree[i] >= 0:
             n_live += 1
     while n_live > 0:
@@ -563,9 +560,7 @@ def _select_chunk_clean(
             out[offsets[b]] = c
             got[b] = 1
             lane_node[i] = -1
-            lane_tree[i], nxt = _take_tree(
-                nxt, t1, offsets, first_child, n_children, visits, value_sum
-            )
+            lane_tree[i], nxt = _take_tree(nxt, t1, offsets, first_child, n_children, visits)
             if lane_tree[i] < 0:
                 n_live -= 1
 

@@ -7,9 +7,9 @@ descent, an expand check and a backup touch per node (visits, vloss, the termina
 value_sum, first_child, n_children) is interleaved in one 24-byte record per node (each
 field exposed as a strided view): the scan of a node's children also brings in the chosen
 child's links, and a backup updates a node on one line (measured: backup ~25% and select
-~10% faster per wave than separate arrays). Priors stay apart: with them in the record expand's writes spread over more lines
-and it got slower. Text never enters here: `NodeStore` keeps it on the Python side, keyed
-by (tree, node).
+~10% faster per wave than separate arrays). Priors stay apart: with them in the record,
+expand's writes spread over more lines and it got slower. Text never enters here:
+`NodeStore` keeps it on the Python side, keyed by (tree, node).
 
 Node ids are per-tree indices; node 0 is each tree's root. Children of a node are the
 contiguous block ``first_child .. first_child + n_children - 1`` (variable branching).
@@ -77,20 +77,25 @@ _NO_BOOL = np.empty(0, np.bool_)
 _BY = {"visits": K.BY_VISITS, "value": K.BY_VALUE, "reward": K.BY_REWARD}
 
 
-def _fresh_stats(shape: tuple[int, int]) -> np.ndarray:
-    """A record array of unused slots for the _STATS fields (see _FRESH)."""
-    a = np.zeros(shape, dtype=_STATS_DTYPE)
-    for name in _STATS:
-        if name in _FRESH:
-            a[name] = _FRESH[name]
-    return a
+def _new_fields(rows: int, cap: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Every field for rows x cap unused slots: (the _STATS record array, name -> array).
 
-
-def _fresh(shape: tuple[int, int], name: str, dt: Any) -> np.ndarray:
-    """An array of unused slots for field `name` (see _FRESH)."""
-    if name in _FRESH:
-        return np.full(shape, _FRESH[name], dtype=dt)
-    return np.zeros(shape, dtype=dt)
+    Unused slots hold _FRESH values, else 0 (np.zeros: lazily mapped zero pages, so
+    capacity that is never used costs nothing); the _STATS fields are views of the record.
+    """
+    stats = np.zeros((rows, cap), dtype=_STATS_DTYPE)
+    fields = {}
+    for name, dt in _FIELDS:
+        if name in _STATS:
+            a = stats[name]
+            if name in _FRESH:
+                a[...] = _FRESH[name]
+        elif name in _FRESH:
+            a = np.full((rows, cap), _FRESH[name], dtype=dt)
+        else:
+            a = np.zeros((rows, cap), dtype=dt)
+        fields[name] = a
+    return stats, fields
 
 
 class ForestFullError(RuntimeError):
@@ -226,14 +231,9 @@ class Forest:
 
     # ------------------------------------------------------------------ storage
     def _allocate(self, rows: int, cap: int) -> None:
-        for name, dt in _FIELDS:
-            if name in _STATS:
-                continue
-            # zeros (most fields): lazily mapped zero pages, unused slots cost nothing
-            setattr(self, "_a" + name, _fresh((rows, cap), name, dt))
-        self._stats = _fresh_stats((rows, cap))
-        for name in _STATS:
-            setattr(self, "_a" + name, self._stats[name])
+        self._stats, fields = _new_fields(rows, cap)
+        for name, a in fields.items():
+            setattr(self, "_a" + name, a)
         self._rows = rows
         self._cap = cap
 
@@ -264,18 +264,10 @@ class Forest:
     def _grow(self, needed: int) -> None:
         new_cap = min(max(int(needed), 2 * self._cap), self._limit)
         used = int(self._asize[: self.n_trees].max())
-        for name, dt in _FIELDS:
-            if name in _STATS:
-                continue
-            old = getattr(self, "_a" + name)
-            new = _fresh((self._rows, new_cap), name, dt)
-            new[:, :used] = old[:, :used]
-            setattr(self, "_a" + name, new)
-        stats = _fresh_stats((self._rows, new_cap))
-        stats[:, :used] = self._stats[:, :used]
-        self._stats = stats
-        for name in _STATS:
-            setattr(self, "_a" + name, stats[name])
+        self._stats, fields = _new_fields(self._rows, new_cap)
+        for name, a in fields.items():
+            a[:, :used] = getattr(self, "_a" + name)[:, :used]
+            setattr(self, "_a" + name, a)
         self._cap = new_cap
         self._bind()
 
