@@ -22,8 +22,9 @@ GOMP_SPINCOUNT=10000 unless already set; it only takes effect if libgomp was not
 yet (numba loads it at the first parallel call).
 
 Arrays are 2-D, (n_trees, capacity), rows contiguous or strided (the Forest interleaves
-visits, vloss, value_sum, first_child and n_children; prefetch steps follow each array's
-stride); node ids are per-tree row indices and node 0 is each tree's root. Conventions shared with `mcts.tree`:
+the hot per-node fields in one record; prefetch steps follow each array's stride); node
+ids are per-tree row indices and node 0 is each tree's root. Conventions shared with
+`mcts.tree`:
 
 - visit/value statistics: ``visits[n] == (backups that started at n) + sum(visits[children])``.
 - virtual loss: ``vloss[n]`` counts in-flight picks whose root-to-leaf path contains n; each
@@ -798,16 +799,14 @@ def expand_kernel(
     cuts = _tree_cuts(trees, n_chunks) if n_chunks > 1 and n >= 2 * n_chunks else _NO_CUTS
     if cuts.shape[0] > 0:
         res = _check_par(cuts, n_children, terminal, depth, size, trees, nodes, counts, need)
-        total = 0
         for g in range(cuts.shape[0] - 1):
             if res[g, 0] != OK:  # the first failing slice holds the first bad leaf
                 for h in range(cuts.shape[0] - 1):
                     if res[h, 0] == OK:
                         _unmark(n_children, trees, nodes, cuts[h], cuts[h + 1])
                 return res[g, 0], res[g, 1]
-            total += res[g, 2]
     else:
-        code, info, total = _check_leaves(
+        code, info = _check_leaves(
             0, n, n_children, terminal, depth, size, trees, nodes, counts, need
         )
         if code != OK:
@@ -922,10 +921,9 @@ def _tree_cuts(trees, n_chunks):
 @njit(cache=True, error_model="numpy")
 def _check_leaves(lo, hi, n_children, terminal, depth, size, trees, nodes, counts, need):
     """expand's per-leaf checks of leaves lo..hi-1: marks each (n_children = -1) and adds
-    its count to need[tree]. Returns (code, first bad index, children total); on an
-    error the marks of this range are undone."""
+    its count to need[tree]. Returns (code, first bad index); on an error the marks of
+    this range are undone."""
     n_trees, cap = terminal.shape
-    total = 0
     for i in range(lo, hi):
         if i + PF_AHEAD < hi:  # the leaf flags read below are cold: fetch them ahead
             b2 = trees[i + PF_AHEAD]
@@ -949,25 +947,23 @@ def _check_leaves(lo, hi, n_children, terminal, depth, size, trees, nodes, count
                 code = ERR_EXPANDED
         if code != OK:
             _unmark(n_children, trees, nodes, lo, i)
-            return code, i, 0
+            return code, i
         n_children[b, nd] = -1
         need[b] += counts[i]
-        total += counts[i]
-    return OK, hi, total
+    return OK, hi
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def _check_par(cuts, n_children, terminal, depth, size, trees, nodes, counts, need):
-    """`_check_leaves` per slice, one thread each; rows of (code, index, total)."""
+    """`_check_leaves` per slice, one thread each; rows of (code, index)."""
     n_chunks = cuts.shape[0] - 1
-    res = np.zeros((n_chunks, 3), np.int64)
+    res = np.zeros((n_chunks, 2), np.int64)
     for g in prange(n_chunks):
-        code, info, total = _check_leaves(
+        code, info = _check_leaves(
             cuts[g], cuts[g + 1], n_children, terminal, depth, size, trees, nodes, counts, need
         )
         res[g, 0] = code
         res[g, 1] = info
-        res[g, 2] = total
     return res
 
 
