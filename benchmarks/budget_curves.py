@@ -5,11 +5,15 @@ and reward. Each finished (run, budget) cell is appended to benchmarks/out/budge
 at once, and a rerun skips the cells already there (so a long run resumes, and cells can be
 split over processes with --runs). From that log it writes, atomically:
   benchmarks/out/budget_curves.csv   one row per (method, budget)
-  benchmarks/out/budget_curves.png   accuracy vs mean generated tokens, a line per method
+  benchmarks/out/budget_curves.png   accuracy vs mean tokens per problem, a line per method:
+                                     left generated tokens (the budget's unit), right total
+                                     (generated + reward-model + uncached prompt tokens)
   with --write-results, the "Budget curves" section of benchmarks/RESULTS.md (with the command)
 
-Accuracy is the ONE answer each method selects (95% Wilson interval); pass@k of the tree is
-reported beside it, never instead. The reward is the policy model's own judge (no reference
+Accuracy is the ONE answer each method selects (95% Wilson interval), with an exact
+McNemar test against self-consistency at the same budget on the same problems; pass@k of
+the tree is reported beside it, never instead. Wave fill = requests per generator call /
+(live trees x the method's requests per tree). The reward is the policy model's own judge (no reference
 answer at search time). Engine efficiency (calls per wave, batch size, prefix-cache hit
 rate, tokens/s) and search overhead (share of wall time outside model calls) come from the
 same runs.
@@ -47,8 +51,8 @@ RUNS = {
     "mcts": {"algorithm": "mcts"},
     "rest_mcts": {"algorithm": "rest_mcts"},
     "best_of_n": {"algorithm": "best_of_n", "bon_aggregation": "prm_max"},
-    "beam": {"algorithm": "beam", "beam_width": 2, "beam_expansions": 2},
-    "dvts": {"algorithm": "dvts", "beam_width": 2, "beam_expansions": 2},
+    "beam": {"algorithm": "beam", "n_beams": 4, "beam_width": 2},
+    "dvts": {"algorithm": "dvts", "n_beams": 4, "beam_width": 2},
 }
 # Reported method -> (run, aggregation read from the run's picks, or None for its own pick).
 METHODS = {
@@ -74,9 +78,28 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, c - h), min(1.0, c + h)
 
 
+ENGINE = 2
+"""Bumped when the search's semantics change (2: issue 12 — terminals take no selection
+slot, fair budget shares, votes on answer classes, search-and-learn beams), so rows of an
+older engine in the log are not mixed with new ones."""
+
+
+def mcnemar_p(a: list[bool], b: list[bool]) -> float:
+    """Exact two-sided McNemar test on paired outcomes (binomial on the discordant pairs)."""
+    n01 = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
+    n10 = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
+    n = n01 + n10
+    if n == 0:
+        return 1.0
+    k = min(n01, n10)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def settings(args: argparse.Namespace) -> dict:
     """What makes two rows comparable: rows of other settings in the log are ignored."""
     return {
+        "engine": ENGINE,
         "problems": args.problems,
         "seed": args.seed,
         "k": args.k,
@@ -109,6 +132,9 @@ def method_rows(run_name: str, budget: int, res, wall: float, args: argparse.Nam
         **settings(args),
         "pass_at_k": s["pass_at_k"],
         "gen_tokens_per_problem": s["generated_tokens_per_problem"],
+        "total_tokens_per_problem": s["total_tokens_per_problem"],
+        "wave_fill": s["wave_fill"],
+        "beams_per_wave": s.get("beams_per_wave"),
         "reward_tokens_per_problem": s["reward_tokens_per_problem"],
         "generator_calls": s["generator_calls"],
         "waves": s["waves"],
@@ -128,7 +154,16 @@ def method_rows(run_name: str, budget: int, res, wall: float, args: argparse.Nam
             ok = [bool(r.extra["picks"][agg]["correct"]) for r in res.results]
         k = sum(ok)
         lo, hi = wilson(k, n)
-        out.append({"method": method, "accuracy": k / n, "ci_low": lo, "ci_high": hi, **common})
+        out.append(
+            {
+                "method": method,
+                "accuracy": k / n,
+                "ci_low": lo,
+                "ci_high": hi,
+                "ok": [int(x) for x in ok],  # per problem, in problem order (paired tests)
+                **common,
+            }
+        )
     return out
 
 
@@ -246,22 +281,28 @@ def write(rows: list[dict], args: argparse.Namespace, cmd: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for name in order:
-        rs = [r for r in rows if r["method"] == name]
-        if not rs:
-            continue
-        x = [r["gen_tokens_per_problem"] for r in rs]
-        y = [r["accuracy"] for r in rs]
-        err = [
-            [r["accuracy"] - r["ci_low"] for r in rs],
-            [r["ci_high"] - r["accuracy"] for r in rs],
-        ]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name, alpha=0.85)
-    ax.set_xlabel("generated tokens per problem (mean, actually spent)")
-    ax.set_ylabel("accuracy of the selected answer (95% CI)")
-    ax.set_title(f"SmolLM2-135M, basic_arithmetic, {rows[0]['problems']} problems, judge reward")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    for ax, key, label in (
+        (axes[0], "gen_tokens_per_problem", "generated tokens per problem (mean, spent)"),
+        (axes[1], "total_tokens_per_problem", "total tokens per problem (gen + reward + prompt)"),
+    ):
+        for name in order:
+            rs = [r for r in rows if r["method"] == name]
+            if not rs:
+                continue
+            x = [r[key] for r in rs]
+            y = [r["accuracy"] for r in rs]
+            err = [
+                [r["accuracy"] - r["ci_low"] for r in rs],
+                [r["ci_high"] - r["accuracy"] for r in rs],
+            ]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name, alpha=0.85)
+        ax.set_xlabel(label)
+        if key == "total_tokens_per_problem":
+            ax.set_xscale("log")
+    axes[0].set_ylabel("accuracy of the selected answer (95% CI)")
+    fig.suptitle(f"SmolLM2-135M, basic_arithmetic, {rows[0]['problems']} problems, judge reward")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "budget_curves.png.tmp.png", dpi=110)
     os.replace(out / "budget_curves.png.tmp.png", out / "budget_curves.png")
@@ -279,16 +320,25 @@ def write(rows: list[dict], args: argparse.Namespace, cmd: str) -> None:
         "its reward tokens are prm_max's, which scores every step). CSV and plot: "
         "benchmarks/out/.",
         "",
-        "| method | budget | acc (95% CI) | pass@k | gen tok/problem | reward tok/problem | "
-        "calls / waves | mean batch | prefix hit | gen tok/s | overhead | run (s) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| method | budget | acc (95% CI) | p vs SC | pass@k | gen tok/problem | "
+        "total tok/problem | wave fill | calls / waves | mean batch | prefix hit | gen tok/s "
+        "| overhead | run (s) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    sc = {r["budget"]: r["ok"] for r in rows if r["method"] == "self_consistency" and "ok" in r}
     for r in rows:
+        base = sc.get(r["budget"])
+        if r["method"] == "self_consistency" or base is None or "ok" not in r:
+            p = "-"
+        else:
+            p = f"{mcnemar_p([bool(x) for x in r['ok']], [bool(x) for x in base]):.2f}"
+        width = r.get("beams_per_wave")
+        fill = f"{r['wave_fill']:.2f}" + (f" ({width:.1f} beams)" if width else "")
         lines.append(
             f"| {r['method']} | {r['budget']} | {r['accuracy']:.2f} "
-            f"({r['ci_low']:.2f}-{r['ci_high']:.2f}) | {r['pass_at_k']:.2f} | "
-            f"{r['gen_tokens_per_problem']:.0f} | {r['reward_tokens_per_problem']:.0f} | "
-            f"{r['generator_calls']} / {r['waves']} | {r['mean_batch']:.1f} | "
+            f"({r['ci_low']:.2f}-{r['ci_high']:.2f}) | {p} | {r['pass_at_k']:.2f} | "
+            f"{r['gen_tokens_per_problem']:.0f} | {r['total_tokens_per_problem']:.0f} | "
+            f"{fill} | {r['generator_calls']} / {r['waves']} | {r['mean_batch']:.1f} | "
             f"{r['prefix_hit_rate']:.2f} | "
             f"{r['gen_tok_per_s']:.1f} | {r['overhead_share']:.1%} | "
             f"{r['run']} ({r['seconds']:.0f}) |"

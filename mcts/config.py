@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 ALGORITHMS = ("mcts", "rest_mcts", "best_of_n", "self_consistency", "beam", "dvts")
+PRIORS = ("logprob", "count", "uniform")
+VALUE_TARGETS = ("auto", "mc", "rest")
+BEAM_SELECTION = ("auto", "max", "weighted_vote")
+BUDGET_COUNTS = ("generated", "total")
 ANSWER_SELECTION = ("visits", "value", "vote")
 BON_AGGREGATION = ("orm_max", "prm_max", "weighted_vote", "vote")
 PRM_AGGREGATION = ("last", "min", "mean", "prod")
@@ -20,6 +24,11 @@ class SearchConfig:
     # Budget: generated tokens per problem. A request is only issued when its worst case
     # (n samples x max tokens) fits in what is left, so no problem ever exceeds it.
     token_budget: int = 256
+    # What the budget counts: "generated" tokens (bounded exactly: a request is issued only
+    # when its worst case fits), or "total" = generated + reward-model tokens + uncached
+    # prompt tokens (generated stays bounded the same way; reward and prompt tokens are only
+    # known after a wave, so a problem can end at most one wave's reward+prompt tokens over).
+    budget_counts: str = "generated"
     step_max_tokens: int = 64  # per reasoning step (tree algorithms)
     solution_max_tokens: int = 256  # per full solution (best_of_n, self_consistency)
     min_step_tokens: int = 8  # a tree retires when less than this is left
@@ -41,20 +50,31 @@ class SearchConfig:
     c_base: float = 19652.0
     c_init: float = 1.25
     fpu: str = "parent"  # Q of unvisited children: "parent" or a number as a string
-    prior_temperature: float = 1.0  # softmax over siblings' mean token logprob
+    # "logprob": softmax over distinct siblings of mean token logprob / prior_temperature;
+    # "count": merged-sample frequency (Sampled MuZero); "uniform". See mcts/algorithms/mcts.py.
+    prior: str = "logprob"
+    prior_temperature: float = 1.0
     dirichlet_alpha: float = 0.0  # 0 disables root noise
     dirichlet_eps: float = 0.25
-    answer_selection: str = "visits"  # "visits" | "value" | "vote"
-    value_target: str = "mc"  # "mc" (fraction of correct terminal descendants) | "rest"
+    answer_selection: str = "value"  # "value" | "vote" | "visits" (see mcts/algorithms/mcts.py)
+    # "mc" (fraction of correct terminal descendants) | "rest" (ReST-MCTS*) | "auto": rest
+    # for algorithm=rest_mcts, mc otherwise. See mcts/targets.py.
+    value_target: str = "auto"
 
     # best-of-N / self-consistency
     samples_per_wave: int = 4
     bon_aggregation: str = "orm_max"  # "orm_max" | "prm_max" | "weighted_vote" | "vote"
     prm_aggregation: str = "min"  # how prm_max folds per-step scores
 
-    # beam / DVTS
+    # beam / DVTS, as in search-and-learn: n_beams (N) candidate steps per tree per step,
+    # beam_width (M) of them from each kept beam; beam keeps the N/M best open beams (topped
+    # up from the candidates when some finish), DVTS runs N/M independent subtrees that each
+    # keep their one best child. beam_selection: "max" (highest final-step score) |
+    # "weighted_vote" (answers weighted by final-step score) | "auto" (beam: max, dvts:
+    # weighted_vote).
+    n_beams: int = 16
     beam_width: int = 4
-    beam_expansions: int = 4  # children per beam per step
+    beam_selection: str = "auto"
 
     # outputs
     pair_margin: float = 0.2
@@ -81,8 +101,8 @@ class SearchConfig:
             "n_children",
             "leaves_per_tree",
             "samples_per_wave",
+            "n_beams",
             "beam_width",
-            "beam_expansions",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -113,8 +133,20 @@ class SearchConfig:
                 raise bad("fpu", f"must be 'parent' or a number, got {self.fpu!r}") from None
         if self.answer_selection not in ANSWER_SELECTION:
             raise bad("answer_selection", f"choose one of {ANSWER_SELECTION}")
-        if self.value_target not in ("mc", "rest"):
-            raise bad("value_target", "choose 'mc' or 'rest'")
+        if self.value_target not in VALUE_TARGETS:
+            raise bad("value_target", f"choose one of {VALUE_TARGETS}")
+        if self.prior not in PRIORS:
+            raise bad("prior", f"choose one of {PRIORS}")
+        if self.budget_counts not in BUDGET_COUNTS:
+            raise bad("budget_counts", f"choose one of {BUDGET_COUNTS}")
+        if self.beam_selection not in BEAM_SELECTION:
+            raise bad("beam_selection", f"choose one of {BEAM_SELECTION}")
+        if self.n_beams < self.beam_width or self.n_beams % self.beam_width:
+            raise bad(
+                "n_beams",
+                f"must be a multiple of beam_width ({self.beam_width}) and at least it, got "
+                f"{self.n_beams}: N/M beams are kept, each expanded into M (search-and-learn)",
+            )
         if self.bon_aggregation not in BON_AGGREGATION:
             raise bad("bon_aggregation", f"choose one of {BON_AGGREGATION}")
         if self.prm_aggregation not in PRM_AGGREGATION:
@@ -127,6 +159,20 @@ class SearchConfig:
             raise bad("dirichlet_alpha", "alpha must be >= 0 and eps in [0, 1]")
         if not 0 <= self.pair_margin <= 1:
             raise bad("pair_margin", "must be in [0, 1]")
+
+    @property
+    def target_kind(self) -> str:
+        """The value-target kind in force ("auto" resolved by algorithm)."""
+        if self.value_target != "auto":
+            return self.value_target
+        return "rest" if self.algorithm == "rest_mcts" else "mc"
+
+    @property
+    def beam_pick(self) -> str:
+        """The beam/DVTS answer rule in force ("auto" resolved by algorithm)."""
+        if self.beam_selection != "auto":
+            return self.beam_selection
+        return "weighted_vote" if self.algorithm == "dvts" else "max"
 
     @classmethod
     def from_dict(cls, d: dict) -> SearchConfig:

@@ -12,9 +12,8 @@ than its budget and algorithms are compared at equal cost.
 from __future__ import annotations
 
 import time
-import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +24,7 @@ from mcts.algorithms.base import Children, Expansion, Policy
 from mcts.config import SearchConfig
 from mcts.prompts import DEFAULT_SYSTEM, join_steps, problem_messages
 from mcts.results import ProblemResult
+from mcts.state import BatchState, NodeData, request_seed
 from mcts.targets import annotate_tree
 from mcts.types import Generation, Generator, Problem, Reward, ScoreItem, StepRequest, Usage
 
@@ -37,53 +37,9 @@ class SearchError(RuntimeError):
 
 
 @dataclass
-class NodeData:
-    """The Python side of a node: what the numba forest must not hold."""
-
-    text: str
-    n_tokens: int = 0
-    finish: str = ""
-    count: int = 1  # identical sibling samples merged into this node
-
-
-@dataclass
-class BatchState:
-    """Everything a policy may read or change while a batch of problems is searched."""
-
-    cfg: SearchConfig
-    problems: list[Problem]
-    forest: Forest
-    nodes: list[dict[int, NodeData]]
-    usage: list[Usage]
-    live: np.ndarray  # bool per tree
-    started: list[float]
-    wave: int = 0
-    policy_state: dict[str, Any] = field(default_factory=dict)
-    # Full solutions (to_end expansions) wait here with their scores and are attached in
-    # one block when the tree retires: a node's children are one contiguous block in the
-    # forest, so the root cannot grow a second block wave after wave.
-    pending: dict[int, list[tuple[list, np.ndarray]]] = field(default_factory=dict)
-
-    def remaining(self, tree: int) -> int:
-        return self.cfg.token_budget - self.usage[tree].generated_tokens
-
-    def steps(self, tree: int, node: int) -> list[str]:
-        path = self.forest.path_to_root(tree, node)
-        return [self.nodes[tree][int(n)].text for n in path[1:]]
-
-    def solution_text(self, tree: int, node: int) -> str:
-        return join_steps(self.steps(tree, node), self.cfg.delimiter).rstrip()
-
-
-@dataclass
 class SearchResult:
     results: list[ProblemResult]
     summary: dict[str, Any]
-
-
-def _seed(cfg_seed: int, problem_id: str, node: int, wave: int) -> int:
-    """A request seed that depends only on what is asked, not on wave composition."""
-    return zlib.crc32(f"{cfg_seed}:{problem_id}:{node}:{wave}".encode()) & 0x7FFFFFFF
 
 
 def _check_scores(values: np.ndarray, n: int, reward: Reward) -> np.ndarray:
@@ -101,6 +57,20 @@ def _check_scores(values: np.ndarray, n: int, reward: Reward) -> np.ndarray:
     return values
 
 
+def step_priors(
+    mean_logprob: np.ndarray, count: np.ndarray, kind: str, temperature: float
+) -> np.ndarray:
+    """Priors of distinct sibling steps (see mcts/algorithms/mcts.py for why each kind)."""
+    if kind == "logprob":
+        logits = mean_logprob / temperature
+    elif kind == "count":
+        logits = np.log(count)
+    else:
+        logits = np.zeros_like(mean_logprob)
+    p = np.exp(logits - logits.max())
+    return p / p.sum()
+
+
 def empty_stats() -> dict[str, float]:
     """The counters a Search keeps (a run with nothing left to do reports these)."""
     return {
@@ -111,6 +81,7 @@ def empty_stats() -> dict[str, float]:
         "generator_seconds": 0.0,
         "reward_seconds": 0.0,
         "empty_steps": 0,
+        "slots": 0,
     }
 
 
@@ -195,8 +166,11 @@ class Search:
         policy.start(state)
         idle = np.zeros(n, dtype=np.int64)  # consecutive waves a live tree asked for nothing
         while state.live.any() and state.wave < cfg.max_waves:
-            exps = self._fit_budget(state, policy.propose(state))
+            live_now = int(state.live.sum())
+            exps = self._fit_budget(state, policy.propose(state), policy)
             if exps:
+                # wave fill = requests / slots: how full the engine's call was
+                self.stats["slots"] += live_now * policy.slots_per_tree
                 policy.after_wave(state, self._wave(state, policy, exps))
                 self.stats["waves"] += 1
             state.wave += 1
@@ -214,22 +188,42 @@ class Search:
         for t in np.flatnonzero(state.live):
             yield self._finish(state, policy, int(t))
 
-    def _fit_budget(self, state: BatchState, exps: list[Expansion]) -> list[Expansion]:
-        """Shrink or drop requests so each problem's worst case fits its remaining budget."""
-        left = {t: state.remaining(t) for t in {e.tree for e in exps}}
-        kept = []
+    def _fit_budget(
+        self, state: BatchState, exps: list[Expansion], policy: Policy
+    ) -> list[Expansion]:
+        """Shrink or drop requests so each problem's worst case fits its remaining budget.
+
+        Worst case per sample: max_tokens generated, plus what the reward may generate to
+        score it (MC rollouts: k completions; `max_generated_tokens` on the reward). A tree's
+        requests share what is left evenly (each at least min_step_tokens while it lasts),
+        so when the budget runs short every beam or leaf gets fewer samples rather than the
+        later ones none at all.
+        """
+        cfg = self.cfg
+        reserve = 0
+        if self.reward is not None and policy.needs_score(False):
+            reserve = int(getattr(self.reward, "max_generated_tokens", 0) or 0)
+        by_tree: dict[int, list[Expansion]] = {}
         for e in exps:
-            r = left[e.tree]
-            if r < self.cfg.min_step_tokens:
-                continue
-            n = min(e.n, r // e.max_tokens) if e.max_tokens <= r else 0
-            if n >= 1:
-                e.n = n
-            else:
-                e.n, e.max_tokens = 1, r
-            left[e.tree] = r - e.n * e.max_tokens
-            kept.append(e)
-        return kept
+            by_tree.setdefault(e.tree, []).append(e)
+        kept: set[int] = set()
+        for t, es in by_tree.items():
+            left = state.remaining(t)
+            for i, e in enumerate(es):
+                if left < cfg.min_step_tokens:
+                    break
+                share = min(left, max(left // (len(es) - i), cfg.min_step_tokens))
+                n = min(e.n, share // (e.max_tokens + reserve))
+                if n >= 1:
+                    e.n = n
+                else:
+                    cap = min(e.max_tokens, share - reserve)
+                    if cap < cfg.min_step_tokens:
+                        continue
+                    e.n, e.max_tokens = 1, cap
+                left -= e.n * (e.max_tokens + reserve)
+                kept.add(id(e))
+        return [e for e in exps if id(e) in kept]
 
     # -- one wave: ONE generator call, ONE reward call ---------------------------------
     def _wave(self, state: BatchState, policy: Policy, exps: list[Expansion]) -> list[Children]:
@@ -246,7 +240,7 @@ class Search:
                     max_tokens=e.max_tokens,
                     temperature=cfg.temperature,
                     top_p=cfg.top_p,
-                    seed=_seed(cfg.seed, p.id, e.node, state.wave),
+                    seed=request_seed(cfg.seed, p.id, e.node, state.wave),
                     to_end=e.to_end,
                 )
             )
@@ -277,7 +271,7 @@ class Search:
             depth = len(base)
             for j, chain in enumerate(cs):
                 for k, (_text, _, _, _, _) in enumerate(chain):
-                    terminal = self._is_terminal(chain, k, depth + k + 1)
+                    terminal = self._is_terminal(chain, k, depth + k + 1, e.to_end)
                     if policy.needs_score(terminal):
                         steps = tuple(base + [s[0] for s in chain[: k + 1]])
                         items.append(ScoreItem(p.question, steps, p.answer, terminal, p))
@@ -303,10 +297,15 @@ class Search:
             self.stats["reward_calls"] += 1
             vals = _check_scores(vals, len(items), self.reward)
             toks = getattr(self.reward, "last_tokens", None)
+            # A reward that writes text (MC rollouts) spends generated tokens: they count
+            # as the problem's generated tokens, inside its budget.
+            gen_toks = getattr(self.reward, "last_generated_tokens", None)
             for m, (i, j, k) in enumerate(where):
                 scores[i, j, k] = vals[m]
                 if toks is not None:
                     state.usage[exps[i].tree].reward_tokens += int(toks[m])
+                if gen_toks is not None:
+                    state.usage[exps[i].tree].generated_tokens += int(gen_toks[m])
 
         # Only now, with every model call done, touch the trees.
         for e, g in zip(exps, gens, strict=True):
@@ -382,15 +381,13 @@ class Search:
                 out.append([(text, s.n_tokens, s.finish, s.count, s.mean_logprob)])
         return out
 
-    def _is_terminal(self, chain: list, k: int, depth: int) -> bool:
+    def _is_terminal(self, chain: list, k: int, depth: int, to_end: bool) -> bool:
+        """A full solution's last step is terminal however it ended (one chunk or many, eos
+        or length); a single step is terminal when it ends the text or reaches max_depth
+        (a step cut by step_max_tokens stays open: the next step continues it)."""
         if k < len(chain) - 1:
             return False
-        finish = chain[k][2]
-        return (
-            finish == "eos"
-            or depth >= self.cfg.max_depth
-            or (finish == "length" and len(chain) > 1)
-        )
+        return to_end or chain[k][2] == "eos" or depth >= self.cfg.max_depth
 
     def _attach(self, state: BatchState, e: Expansion, cands: list, scores: np.ndarray) -> Children:
         f, t = state.forest, e.tree
@@ -399,10 +396,12 @@ class Search:
             # The model produced nothing usable here: a dead end, not silently dropped.
             f.mark_terminal(np.array([t]), np.array([e.node]), np.array([0.0]))
             return Children(e, np.empty(0, np.int64), np.empty(0, np.int64))
-        ml = np.array([c[0][4] for c in cands]) / self.cfg.prior_temperature
-        ml += np.log([c[0][3] for c in cands])
-        priors = np.exp(ml - ml.max())
-        priors /= priors.sum()
+        priors = step_priors(
+            np.array([c[0][4] for c in cands], dtype=np.float64),
+            np.array([c[0][3] for c in cands], dtype=np.float64),
+            self.cfg.prior,
+            self.cfg.prior_temperature,
+        )
         level = 0
         active = list(range(len(cands)))
         cur_parent = {j: e.node for j in active}
@@ -417,7 +416,7 @@ class Search:
                 pr = priors[js] if level == 0 else np.ones(len(js))
                 rw = np.array([scores[j, level] for j in js])
                 term = np.array(
-                    [self._is_terminal(cands[j], level, depth0 + level + 1) for j in js]
+                    [self._is_terminal(cands[j], level, depth0 + level + 1, e.to_end) for j in js]
                 )
                 first = int(
                     f.expand(
@@ -455,7 +454,10 @@ class Search:
         node = int(policy.select(state, t))
         text = state.solution_text(t, node)
         graph, info = annotate_tree(state, t, node, self.cfg)
-        extra = {}
+        extra: dict[str, Any] = {"truncated": info["truncated"]}
+        figures = getattr(policy, "figures", None)
+        if figures is not None:
+            extra.update(figures(state, t))
         alternatives = getattr(policy, "alternatives", None)
         if alternatives is not None:
             extra["picks"] = {
@@ -573,4 +575,23 @@ def summarize(
         "mean_batch_per_call": stats["requests"] / stats["generator_calls"]
         if stats["generator_calls"]
         else 0.0,
+        # requests per generator call / (live trees x the policy's requests per tree)
+        "wave_fill": stats["requests"] / stats["slots"] if stats.get("slots") else float("nan"),
+        "total_tokens_per_problem": mean("tokens_generated_tokens")
+        + mean("tokens_reward_tokens")
+        + (prompt - cached) / n
+        if n
+        else float("nan"),
+        "truncated_per_problem": mean("truncated") if all("truncated" in r for r in rows) else None,
+        **_policy_means(rows),
     }
+
+
+def _policy_means(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Means of the numeric per-problem figures policies add (e.g. beam's beams_per_wave)."""
+    out = {}
+    for key in ("beams_per_wave",):
+        vals = [float(r[key]) for r in rows if r.get(key) is not None]
+        if vals:
+            out[key] = sum(vals) / len(vals)
+    return out

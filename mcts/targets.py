@@ -7,11 +7,15 @@ Value targets (per node, NaN where the node has no terminal descendant):
   "mc"   the fraction of the node's terminal descendants (weighted by merged-sample count)
          whose answer is correct: a Monte-Carlo estimate that the step leads to a correct
          answer, read off the tree's own samples.
-  "rest" the ReST-MCTS* form: top-down, v_root = 0 and
+  "rest" the ReST-MCTS* form (its eq. for v_k): top-down, v_root = 0 and
          v_child = max(v_parent + (1 - v_parent) / (m + 1) * (1 - 2 r), 0)
-         where m is the mean number of steps left to the child's terminal descendants and
-         r = 0 if some terminal below the child is correct, else 1. Steps on a correct path
-         rise to 1 at its end; steps from which nothing correct was found sink to 0.
+         where r = 0 if some terminal below the child is correct, else 1, and m is the
+         MINIMUM number of steps from the child to a correct terminal below it (the paper's
+         "steps still needed to reach the correct answer"); where nothing below is correct,
+         m is the fewest steps to any terminal below (the length of the shortest rollout that
+         shows the step fails). Steps on a correct path rise to 1 at its end; steps from
+         which nothing correct was found sink towards 0.
+Which one is in force: search.value_target ("auto": rest for rest_mcts, mc otherwise).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from mcts.answers import extract_answer, is_correct
 
 if TYPE_CHECKING:
     from mcts.config import SearchConfig
-    from mcts.search import BatchState
+    from mcts.state import BatchState
 
 
 def terminal_answers(state: BatchState, t: int) -> dict[int, str | None]:
@@ -37,6 +41,30 @@ def terminal_answers(state: BatchState, t: int) -> dict[int, str | None]:
         node = int(node)
         out[node] = extract_answer(state.solution_text(t, node), state.cfg.answer_mode)
     return out
+
+
+def rest_targets(
+    parent: np.ndarray,
+    depth: np.ndarray,
+    n_term: np.ndarray,
+    n_good: np.ndarray,
+    near_any: np.ndarray,
+    near_good: np.ndarray,
+) -> np.ndarray:
+    """ReST-MCTS* value targets top-down (module docstring); NaN where no terminal is below."""
+    size = parent.shape[0]
+    target = np.full(size, np.nan)
+    target[0] = 0.0
+    for node in range(1, size):
+        if n_term[node] == 0:
+            continue
+        vp = target[int(parent[node])]
+        vp = 0.0 if np.isnan(vp) else vp
+        good = n_good[node] > 0
+        r = 0.0 if good else 1.0
+        m = (near_good[node] if good else near_any[node]) - depth[node]
+        target[node] = max(vp + (1 - vp) / (m + 1) * (1 - 2 * r), 0.0)
+    return target
 
 
 def annotate_tree(
@@ -65,32 +93,27 @@ def annotate_tree(
         [state.nodes[t][i].count if i in state.nodes[t] else 1 for i in range(size)],
         dtype=np.float64,
     )
-    # Bottom-up sums over terminal descendants (children always have larger ids).
+    # Bottom-up over terminal descendants (children always have larger ids).
     n_term = np.zeros(size)
     n_good = np.zeros(size)
-    depth_sum = np.zeros(size)
+    near_any = np.full(size, np.inf)  # depth of the shallowest terminal below
+    near_good = np.full(size, np.inf)  # depth of the shallowest correct terminal below
     for node, ok in correct_of.items():
         n_term[node] += count[node]
         n_good[node] += count[node] * ok
-        depth_sum[node] += count[node] * depth[node]
+        near_any[node] = depth[node]
+        if ok:
+            near_good[node] = depth[node]
     for node in range(size - 1, 0, -1):
         par = int(parent[node])
         n_term[par] += n_term[node]
         n_good[par] += n_good[node]
-        depth_sum[par] += depth_sum[node]
+        near_any[par] = min(near_any[par], near_any[node])
+        near_good[par] = min(near_good[par], near_good[node])
     with np.errstate(invalid="ignore", divide="ignore"):
         mc = np.where(n_term > 0, n_good / n_term, np.nan)
-        steps_left = np.where(n_term > 0, depth_sum / n_term - depth, np.nan)
-    if cfg.value_target == "rest":
-        target = np.full(size, np.nan)
-        target[0] = 0.0
-        for node in range(1, size):
-            if n_term[node] == 0:
-                continue
-            vp = target[int(parent[node])]
-            vp = 0.0 if np.isnan(vp) else vp
-            r = 0.0 if n_good[node] > 0 else 1.0
-            target[node] = max(vp + (1 - vp) / (steps_left[node] + 1) * (1 - 2 * r), 0.0)
+    if cfg.target_kind == "rest":
+        target = rest_targets(parent, depth, n_term, n_good, near_any, near_good)
     else:
         target = mc
 
@@ -124,7 +147,16 @@ def annotate_tree(
     # Candidates for pass@k: every terminal answer, plus the selected one when the pick is
     # a non-terminal leaf (budget ran out mid-solution), so pass@k >= accuracy always.
     k = int(sum(count[n] for n in answers)) + (selected not in answers)
+    # Finished solutions that hit the token cap rather than ending by themselves.
+    truncated = int(
+        sum(
+            count[n]
+            for n in answers
+            if n in state.nodes[t] and state.nodes[t][n].finish == "length"
+        )
+    )
     info = {
+        "truncated": truncated,
         "selected_answer": sel_answer,
         "correct": sel_correct,
         "pass_at_k": any(correct_of.values()) or sel_correct,

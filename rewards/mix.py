@@ -16,12 +16,17 @@ from rewards.base import RewardError, finite_scores, validate_items
 __all__ = ["WeightedMix", "TerminalSwitch"]
 
 
-def _tokens(reward: Reward, n: int) -> np.ndarray:
-    t = getattr(reward, "last_tokens", None)
+def _tokens(reward: Reward, n: int, attr: str = "last_tokens") -> np.ndarray:
+    t = getattr(reward, attr, None)
     if t is None:
         return np.zeros(n, dtype=np.int64)
     arr = np.asarray(t, dtype=np.int64).reshape(-1)
     return arr if arr.shape[0] == n else np.zeros(n, dtype=np.int64)
+
+
+def _max_generated(components: Sequence[Reward]) -> int:
+    """Worst-case generated tokens per item: the components' (rollouts) add up."""
+    return sum(int(getattr(r, "max_generated_tokens", 0) or 0) for r in components)
 
 
 def _check_component(r: object, where: str) -> None:
@@ -57,6 +62,8 @@ class WeightedMix:
             getattr(r, "requires_reference", False) for r in self.components
         )
         self.last_tokens = np.zeros(0, dtype=np.int64)
+        self.last_generated_tokens = np.zeros(0, dtype=np.int64)
+        self.max_generated_tokens = _max_generated(self.components)
 
     def check_problems(self, problems: Iterable[Problem]) -> None:
         ps = list(problems)
@@ -69,11 +76,14 @@ class WeightedMix:
         n = len(items)
         total = np.zeros(n)
         tokens = np.zeros(n, dtype=np.int64)
+        gen = np.zeros(n, dtype=np.int64)
         for w, r in zip(self.weights, self.components, strict=True):
             s = finite_scores(r.score(items), getattr(r, "name", type(r).__name__), n)
             total += w * s
             tokens += _tokens(r, n)
+            gen += _tokens(r, n, "last_generated_tokens")
         self.last_tokens = tokens
+        self.last_generated_tokens = gen
         return finite_scores(total, self.name, n)
 
 
@@ -93,6 +103,9 @@ class TerminalSwitch:
             getattr(other, "requires_reference", False)
         )
         self.last_tokens = np.zeros(0, dtype=np.int64)
+        self.last_generated_tokens = np.zeros(0, dtype=np.int64)
+        # Only non-terminal items can cost rollouts, and those all go to `other`.
+        self.max_generated_tokens = _max_generated([self.other])
 
     def check_problems(self, problems: Iterable[Problem]) -> None:
         ps = list(problems)
@@ -105,6 +118,7 @@ class TerminalSwitch:
         n = len(items)
         out = np.zeros(n)
         tokens = np.zeros(n, dtype=np.int64)
+        gen = np.zeros(n, dtype=np.int64)
         term = np.array([it.terminal for it in items], dtype=bool)
         for mask, r in ((term, self.terminal), (~term, self.other)):
             idx = np.flatnonzero(mask)
@@ -120,5 +134,7 @@ class TerminalSwitch:
                 j = int(idx[e.item_index])
                 raise RewardError(f"{e} (= items[{j}] of the wave)", e.reward, j) from e
             tokens[idx] = _tokens(r, idx.size)
+            gen[idx] = _tokens(r, idx.size, "last_generated_tokens")
         self.last_tokens = tokens
+        self.last_generated_tokens = gen
         return finite_scores(out, self.name, n)

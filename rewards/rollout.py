@@ -28,7 +28,13 @@ __all__ = ["MCRollout"]
 
 
 class MCRollout:
-    """Rollout value; `last_tokens` = prompt + generated tokens spent per item."""
+    """Rollout value.
+
+    Costs per item of the last call: `last_tokens` = prompt tokens the rollouts read
+    (reward-model tokens), `last_generated_tokens` = tokens they wrote, which the search
+    counts as the problem's generated tokens. `max_generated_tokens` (k x max_tokens) is
+    the worst case per item, which the search reserves inside the token budget.
+    """
 
     name = "rollout"
     requires_reference = True
@@ -75,7 +81,13 @@ class MCRollout:
         self.delimiter = delimiter
         self.stats = VerifyStats()
         self.last_tokens = np.zeros(0, dtype=np.int64)
+        self.last_generated_tokens = np.zeros(0, dtype=np.int64)
         self.last_usage: list[Usage] = []
+
+    @property
+    def max_generated_tokens(self) -> int:
+        """Worst-case tokens the rollouts of one item write (reserved in the budget)."""
+        return self.k * self.max_tokens
 
     def check_problems(self, problems: Iterable[Problem]) -> None:
         """Fail at setup when some problem's rollouts could not be verified."""
@@ -150,8 +162,11 @@ class MCRollout:
                     prompt_tokens=u.prompt_tokens,
                     cached_prompt_tokens=u.cached_prompt_tokens,
                     generated_tokens=u.generated_tokens,
-                    reward_tokens=u.prompt_tokens + u.generated_tokens,
+                    reward_tokens=u.prompt_tokens,
                     calls=u.calls,
                 )
         self.last_tokens = np.array([u.reward_tokens for u in self.last_usage], dtype=np.int64)
+        self.last_generated_tokens = np.array(
+            [u.generated_tokens for u in self.last_usage], dtype=np.int64
+        )
         return finite_scores(out, self.name, len(items))

@@ -115,8 +115,8 @@ def test_per_problem_results_do_not_depend_on_batching(algorithm):
         solution_max_tokens=8,
         n_children=3,
         max_live_trees=7,
+        n_beams=4,
         beam_width=2,
-        beam_expansions=2,
         samples_per_wave=2,
     )
     ps = problems(7)

@@ -208,7 +208,10 @@ def test_rollout_soft_hard_and_one_call() -> None:
     assert gen.requests[0].prefix == "s0\n\ns1\n\n"
     hard = MCRollout(gen, k=4, mode="hard")
     assert hard.score(items).tolist() == [1.0, 1.0, 0.0, 1.0]
-    assert hard.last_tokens.tolist() == [15, 15, 15, 0]
+    # read (prompt) tokens are reward tokens; the rollouts' written tokens are generated
+    assert hard.last_tokens.tolist() == [7, 7, 7, 0]
+    assert hard.last_generated_tokens.tolist() == [8, 8, 8, 0]
+    assert hard.max_generated_tokens == 4 * hard.max_tokens
 
 
 def test_rollout_seed_depends_on_item_not_wave_position() -> None:

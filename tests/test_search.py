@@ -23,8 +23,8 @@ def cfg(**kw) -> SearchConfig:
         max_depth=3,
         n_children=4,
         samples_per_wave=4,
-        beam_width=2,
-        beam_expansions=3,
+        n_beams=6,
+        beam_width=3,
     )
     base.update(kw)
     return SearchConfig(**base)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from mcts.search import BatchState
+    from mcts.state import BatchState
 
 
 @dataclass
@@ -45,6 +45,7 @@ class Children:
 
 class Policy(Protocol):
     name: str
+    slots_per_tree: int  # requests a live tree should add to every wave (for wave fill)
 
     def start(self, state: BatchState) -> None: ...
 
@@ -64,6 +65,8 @@ class Policy(Protocol):
         """The node whose root path is the chosen solution."""
         ...
 
+    # Optional: `figures(state, tree) -> dict` adds per-problem figures to the results row
+    # (beam: beams_per_wave).
     # Optional: `alternatives(state, tree) -> dict[str, int]`, the picks other selection rules
     # would make from the same tree (best-of-N aggregations). The search records them in the
     # result's `picks` so one run compares rules at equal cost.

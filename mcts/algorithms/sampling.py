@@ -23,7 +23,7 @@ from mcts.algorithms.voting import vote
 from mcts.config import SearchConfig
 
 if TYPE_CHECKING:
-    from mcts.search import BatchState
+    from mcts.state import BatchState
 
 _FOLD = {
     "last": lambda x: x[-1],
@@ -38,6 +38,8 @@ class SamplingPolicy:
         self.cfg = cfg
         self.name = cfg.algorithm
         self.agg = "vote" if cfg.algorithm == "self_consistency" else cfg.bon_aggregation
+
+    slots_per_tree = 1  # one request (samples_per_wave samples) per live problem per wave
 
     def start(self, state: BatchState) -> None:
         pass
