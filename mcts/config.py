@@ -76,6 +76,11 @@ class SearchConfig:
     beam_width: int = 4
     beam_selection: str = "auto"
 
+    # True: rewards never see the reference answer or the task's checker (ScoreItem.reference
+    # and .problem.answer/.check are None); correctness is still scored after the search.
+    # For EVAL splits; a reward that needs the reference is refused up front.
+    hide_references: bool = False
+
     # outputs
     pair_margin: float = 0.2
     answer_mode: str = "auto"  # mcts.answers.extract_answer mode
@@ -157,6 +162,8 @@ class SearchConfig:
             raise bad("prior_temperature", "must be > 0")
         if self.dirichlet_alpha < 0 or not 0 <= self.dirichlet_eps <= 1:
             raise bad("dirichlet_alpha", "alpha must be >= 0 and eps in [0, 1]")
+        if not isinstance(self.hide_references, bool):
+            raise bad("hide_references", f"must be true or false, got {self.hide_references!r}")
         if not 0 <= self.pair_margin <= 1:
             raise bad("pair_margin", "must be in [0, 1]")
 

@@ -41,6 +41,9 @@ class ProblemResult:
     seconds: float
     tree: nx.DiGraph
     extra: dict[str, Any] = field(default_factory=dict)
+    # (n_nodes, dim) float32: the policy's hidden state at each node's step end (row = node
+    # id, NaN where none), when the generator returned features; saved beside the tree.
+    features: Any = None
 
     def row(self) -> dict[str, Any]:
         """The results.jsonl record."""

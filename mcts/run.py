@@ -2,7 +2,11 @@
 
 Every config group is validated against a dataclass schema: unknown keys and wrong types
 stop the run before any model loads, with the key named. The run directory is Hydra's
-output dir; rerunning with `hydra.run.dir=<that dir>` resumes, skipping finished problems.
+output dir; rerunning with `hydra.run.dir=<that dir>` resumes, skipping finished problems,
+but only with the same settings: every results row carries the run's configuration
+fingerprint, and a rerun whose search, task, generator or reward settings differ stops
+before searching, naming the differing keys (mcts.export.fingerprint). The run holds
+`<run_dir>/.lock`: a second run on the same directory fails at once.
 `main` returns the accuracy of the selected answers (for sweepers).
 """
 
@@ -54,8 +58,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"prompt tokens/problem    {summary['prompt_tokens_per_problem']:.1f}"
         f"  (prefix-cache hit rate {pct(summary['prefix_cache_hit_rate'])})",
         f"reward tokens/problem    {summary['reward_tokens_per_problem']:.1f}",
+        f"total tokens/problem     {summary.get('total_tokens_per_problem', float('nan')):.1f}"
+        "  (generated + reward + uncached prompt)",
         f"waves / generator calls  {summary['waves']} / {summary['generator_calls']}"
-        f"  (mean batch {summary['mean_batch_per_call']:.1f} requests)",
+        f"  (mean batch {summary['mean_batch_per_call']:.1f} requests,"
+        f" wave fill {pct(summary.get('wave_fill'))})",
         f"seconds                  {summary['seconds']:.1f}"
         f"  (outside model calls: {pct(summary['overhead_share'])})",
     ]
@@ -96,19 +103,39 @@ def run(cfg: DictConfig | RunConfig, run_dir: str | Path) -> dict[str, Any]:
         scfg, gcfg, rcfg, tcfg = cfg.search, cfg.generator, cfg.reward, cfg.task
         dcfg, progress = cfg.distributed, cfg.progress
     run_dir = Path(run_dir)
-    from mcts.export import check_writable
+    from mcts.export import (
+        ResultsLog,
+        atomic_write_text,
+        check_resume,
+        check_writable,
+        hold_run_dir,
+        run_fingerprint,
+    )
 
     check_writable(run_dir)  # before any model loads
-    problems = load_task(tcfg)
-    # workers=0 (distributed=single): the plain single-process search() with models built
-    # by the same factories; otherwise sharded over Ray workers that each build their own.
-    res = run_search(
-        problems, gcfg, rcfg, scfg, run_dir=run_dir, distributed=dcfg, progress=progress
-    )
-    summary = res.summary
-    if (run_dir / "tree.png").exists():  # drawn by write_exports
-        summary["tree_png"] = str(run_dir / "tree.png")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    # One writer per run directory for the whole run (search() re-enters this lock).
+    with hold_run_dir(run_dir):
+        problems = load_task(tcfg)
+        # A rerun with other search/task settings stops here, before any model loads; the
+        # models' identities are checked by the search once they are built.
+        check_resume(ResultsLog(run_dir), run_fingerprint(scfg, tcfg), problems)
+        # workers=0 (distributed=single): the plain single-process search() with models built
+        # by the same factories; otherwise sharded over Ray workers that each build their own.
+        res = run_search(
+            problems,
+            gcfg,
+            rcfg,
+            scfg,
+            run_dir=run_dir,
+            distributed=dcfg,
+            progress=progress,
+            task_config=tcfg,
+        )
+        summary = res.summary
+        if (run_dir / "tree.png").exists():  # drawn by write_exports
+            summary["tree_png"] = str(run_dir / "tree.png")
+        # atomic: a crash leaves the previous summary.json or the new one, never half of one
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
 
 

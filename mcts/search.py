@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -30,6 +30,45 @@ from mcts.types import Generation, Generator, Problem, Reward, ScoreItem, StepRe
 
 if TYPE_CHECKING:
     from mcts.tree import Forest
+
+
+class Cand(NamedTuple):
+    """One candidate step as the wave hands it to the forest."""
+
+    text: str
+    n_tokens: int
+    finish: str
+    count: int
+    mean_logprob: float
+    features: np.ndarray | None  # the policy's hidden state at the step's end, if returned
+
+
+def _row(features: Any, i: int) -> np.ndarray | None:
+    """Row i of a Step's features (None when the generator returned none)."""
+    if features is None:
+        return None
+    arr = np.asarray(features)
+    return arr[i] if arr.ndim == 2 and i < arr.shape[0] else None
+
+
+def _node_features(state: BatchState, t: int) -> np.ndarray | None:
+    """(n_nodes, dim) hidden states of tree t's nodes, NaN rows where none; None if none."""
+    nodes = state.nodes[t]
+    dims = {np.asarray(nd.features).shape[-1] for nd in nodes.values() if nd.features is not None}
+    if not dims:
+        return None
+    if len(dims) > 1:
+        raise SearchError(f"tree {t}: step features of different widths {sorted(dims)}")
+    out = np.full((int(state.forest.size[t]), dims.pop()), np.nan, dtype=np.float32)
+    for i, nd in nodes.items():
+        if nd.features is not None and i < out.shape[0]:
+            out[i] = np.asarray(nd.features, dtype=np.float32).reshape(-1)
+    return out
+
+
+def _hidden(p: Problem) -> Problem:
+    """The problem as a reward may see it when references are hidden (EVAL splits)."""
+    return replace(p, answer=None, check=None)
 
 
 class SearchError(RuntimeError):
@@ -97,7 +136,10 @@ class Search:
         progress: bool = False,
     ) -> None:
         cfg.validate()
-        self.generator = generator
+        from mcts.generators.counting import count_calls
+
+        # each problem's tokens_calls = the generator calls (waves) that included it
+        self.generator = count_calls(generator)
         self.reward = reward
         self.cfg = cfg
         self.on_result = on_result
@@ -113,6 +155,11 @@ class Search:
             raise ValueError(
                 f"search.algorithm={self.cfg.algorithm} needs a reward model; pass one "
                 "(or use algorithm=self_consistency, which needs none)"
+            )
+        if self.cfg.hide_references and getattr(self.reward, "requires_reference", False):
+            raise ValueError(
+                f"search.hide_references is set but reward {type(self.reward).__name__} reads "
+                "the reference answer: use a reward that does not (judge, learned, a PRM)"
             )
         out: list[ProblemResult] = []
         bar = None
@@ -258,7 +305,7 @@ class Search:
             )
 
         # Candidates per expansion: lists of steps (one step each, or a chain for to_end).
-        cands: list[list[list[tuple[str, int, str, int, float]]]] = []
+        cands: list[list[list[Cand]]] = []
         for e, g in zip(exps, gens, strict=True):
             cands.append(self._candidates(e, g))
 
@@ -270,11 +317,20 @@ class Search:
             base = state.steps(e.tree, e.node)
             depth = len(base)
             for j, chain in enumerate(cs):
-                for k, (_text, _, _, _, _) in enumerate(chain):
+                for k in range(len(chain)):
                     terminal = self._is_terminal(chain, k, depth + k + 1, e.to_end)
                     if policy.needs_score(terminal):
-                        steps = tuple(base + [s[0] for s in chain[: k + 1]])
-                        items.append(ScoreItem(p.question, steps, p.answer, terminal, p))
+                        steps = tuple(base + [s.text for s in chain[: k + 1]])
+                        items.append(
+                            ScoreItem(
+                                p.question,
+                                steps,
+                                None if cfg.hide_references else p.answer,
+                                terminal,
+                                _hidden(p) if cfg.hide_references else p,
+                                features=chain[k].features,
+                            )
+                        )
                         where.append((i, j, k))
         scores = np.full(
             (
@@ -325,13 +381,11 @@ class Search:
         """Attach a retired tree's full solutions under the root, identical ones merged."""
         merged: dict[tuple[str, ...], tuple[list, np.ndarray]] = {}
         for chain, sc in state.pending.pop(t, []):
-            key = tuple(step[0] for step in chain)
+            key = tuple(step.text for step in chain)
             if key in merged:
                 old, osc = merged[key]
-                last = old[-1]
-                old[-1] = (*last[:3], last[3] + chain[-1][3], last[4])
-                for k in range(len(old) - 1):
-                    old[k] = (*old[k][:3], old[k][3] + chain[k][3], old[k][4])
+                for k in range(len(old)):
+                    old[k] = old[k]._replace(count=old[k].count + chain[k].count)
             else:
                 merged[key] = (list(chain), sc)
         if not merged:
@@ -347,38 +401,34 @@ class Search:
         tr = np.full(len(tails), t, dtype=np.int64)
         f.backup(tr, tails, np.nan_to_num(f.reward[t, tails], nan=0.0))
 
-    def _candidates(
-        self, e: Expansion, g: Generation
-    ) -> list[list[tuple[str, int, str, int, float]]]:
-        """(text, n_tokens, finish, count, mean_logprob) per step of each candidate."""
+    def _candidates(self, e: Expansion, g: Generation) -> list[list[Cand]]:
+        """The steps of each candidate: one step, or the chain of a to_end sample's pieces."""
         out = []
         d = self.cfg.delimiter
         for s in g.steps:
+            feats = s.features
             if e.to_end:
-                parts = [p.strip() for p in s.text.split(d)]
-                parts = [p for p in parts if p] or [""]
+                raw = s.text.split(d)
+                keep = [i for i, p in enumerate(raw) if p.strip()] or [len(raw) - 1]
+                parts = [raw[i].strip() for i in keep]
+                rows = [_row(feats, i) for i in keep]
                 # Token counts per piece are apportioned by characters (the sample's total
                 # is exact; the split is for display and value targets only).
                 total = max(1, sum(len(p) for p in parts))
                 chain = [
-                    (p, round(s.n_tokens * len(p) / total), "step", s.count, s.mean_logprob)
-                    for p in parts
+                    Cand(p, round(s.n_tokens * len(p) / total), "step", s.count, s.mean_logprob, f)
+                    for p, f in zip(parts, rows, strict=True)
                 ]
-                last = chain[-1]
-                chain[-1] = (
-                    last[0],
-                    last[1],
-                    s.finish if s.finish != "step" else "eos",
-                    last[3],
-                    last[4],
-                )
+                chain[-1] = chain[-1]._replace(finish=s.finish if s.finish != "step" else "eos")
                 out.append(chain)
             else:
                 text = s.text.strip()
                 if not text and s.finish == "step":
                     self.stats["empty_steps"] += s.count
                     continue
-                out.append([(text, s.n_tokens, s.finish, s.count, s.mean_logprob)])
+                out.append(
+                    [Cand(text, s.n_tokens, s.finish, s.count, s.mean_logprob, _row(feats, 0))]
+                )
         return out
 
     def _is_terminal(self, chain: list, k: int, depth: int, to_end: bool) -> bool:
@@ -387,7 +437,7 @@ class Search:
         (a step cut by step_max_tokens stays open: the next step continues it)."""
         if k < len(chain) - 1:
             return False
-        return to_end or chain[k][2] == "eos" or depth >= self.cfg.max_depth
+        return to_end or chain[k].finish == "eos" or depth >= self.cfg.max_depth
 
     def _attach(self, state: BatchState, e: Expansion, cands: list, scores: np.ndarray) -> Children:
         f, t = state.forest, e.tree
@@ -397,8 +447,8 @@ class Search:
             f.mark_terminal(np.array([t]), np.array([e.node]), np.array([0.0]))
             return Children(e, np.empty(0, np.int64), np.empty(0, np.int64))
         priors = step_priors(
-            np.array([c[0][4] for c in cands], dtype=np.float64),
-            np.array([c[0][3] for c in cands], dtype=np.float64),
+            np.array([c[0].mean_logprob for c in cands], dtype=np.float64),
+            np.array([c[0].count for c in cands], dtype=np.float64),
             self.cfg.prior,
             self.cfg.prior_temperature,
         )
@@ -434,8 +484,10 @@ class Search:
                     continue
                 for off, j in enumerate(js):
                     node = first + off
-                    text, ntok, finish, count, _ = cands[j][level]
-                    state.nodes[t][node] = NodeData(text, ntok, finish, count)
+                    c = cands[j][level]
+                    state.nodes[t][node] = NodeData(
+                        c.text, c.n_tokens, c.finish, c.count, c.mean_logprob, c.features
+                    )
                     if level == 0:
                         heads_arr[j] = node
                     tails_arr[j] = node
@@ -479,6 +531,7 @@ class Search:
             seconds=time.perf_counter() - state.started[t],
             tree=graph,
             extra=extra,
+            features=_node_features(state, t),
         )
 
 
@@ -489,12 +542,18 @@ def search(
     config: SearchConfig | None = None,
     run_dir: str | Path | None = None,
     progress: bool = False,
+    *,
+    task_config: Any = None,
 ) -> SearchResult:
     """Search every problem and return what was chosen, with the trees and costs.
 
     With `run_dir`, results are appended to `run_dir/results.jsonl` as each problem
     finishes, problems already there are skipped (a rerun resumes), and the Parquet/JSON
-    exports are written atomically at the end.
+    exports are written atomically at the end. The run holds `<run_dir>/.lock` throughout
+    (a second run on the directory fails at once), and every row records the run's
+    configuration fingerprint: a rerun with other settings (budget, model, reward, seed,
+    task) stops before searching anything, naming the differing keys
+    (mcts.export.fingerprint). task_config: the task's config, fingerprinted too.
     """
     cfg = config or SearchConfig()
     problems = list(problems)
@@ -506,42 +565,60 @@ def search(
         raise ValueError(f"problem ids must be unique; duplicated: {dup}")
     if reward is not None and hasattr(reward, "check_problems"):
         reward.check_problems(problems)  # e.g. a verifier without reference answers: fail now
+    from contextlib import ExitStack
+
+    from mcts.generators.counting import count_calls
+
     log = None
-    if run_dir is not None:
-        from mcts.export import ResultsLog, check_writable
+    stamp: dict[str, Any] = {}  # the fingerprint fields every results row carries
+    with ExitStack() as held:
+        if run_dir is not None:
+            from mcts.export import (
+                ResultsLog,
+                check_resume,
+                check_writable,
+                hold_run_dir,
+                model_identities,
+                run_fingerprint,
+            )
 
-        run_dir = Path(run_dir)
-        check_writable(run_dir)
-        log = ResultsLog(run_dir)
-        done = log.done_ids(cfg.algorithm)
-        problems = [p for p in problems if p.id not in done]
+            run_dir = Path(run_dir)
+            check_writable(run_dir)
+            held.enter_context(hold_run_dir(run_dir))  # one writer per run dir, whole run
+            log = ResultsLog(run_dir)
+            fp = run_fingerprint(cfg, task_config, model_identities(generator, reward))
+            check_resume(log, fp, problems)  # another experiment's dir: stop before searching
+            stamp = fp.row_fields()
+            done = log.done_ids(cfg.algorithm)
+            problems = [p for p in problems if p.id not in done]
 
-    def on_result(res: ProblemResult) -> None:
+        def on_result(res: ProblemResult) -> None:
+            if log is not None:
+                log.append(res, extra=stamp)
+
+        # count_calls: each row's tokens_calls = the generator calls (waves) that included it
+        engine = Search(count_calls(generator), reward, cfg, on_result=on_result, progress=progress)
+        t0 = time.perf_counter()
+        results = engine.run(problems)
+        wall = time.perf_counter() - t0
+        order = {p.id: i for i, p in enumerate(problems)}
+        results.sort(key=lambda r: order[r.problem.id])  # input order (they finish in any order)
+        # With a run dir the figures cover every problem in it, earlier (resumed) runs included.
         if log is not None:
-            log.append(res)
+            rows = [r for r in log.rows() if r.get("algorithm") == cfg.algorithm]
+        else:
+            rows = [r.row() for r in results]
+        summary = summarize(rows, engine.stats, wall, reward)
+        summary["searched_now"] = len(results)
+        from mcts.answers import VERIFY_STATS
 
-    engine = Search(generator, reward, cfg, on_result=on_result, progress=progress)
-    t0 = time.perf_counter()
-    results = engine.run(problems)
-    wall = time.perf_counter() - t0
-    order = {p.id: i for i, p in enumerate(problems)}
-    results.sort(key=lambda r: order[r.problem.id])  # input order (they finish in any order)
-    # With a run dir the figures cover every problem in it, earlier (resumed) runs included.
-    if log is not None:
-        rows = [r for r in log.rows() if r.get("algorithm") == cfg.algorithm]
-    else:
-        rows = [r.row() for r in results]
-    summary = summarize(rows, engine.stats, wall, reward)
-    summary["searched_now"] = len(results)
-    from mcts.answers import VERIFY_STATS
+        # answer checks of this process (timeouts and errors were scored as incorrect)
+        summary["answer_checks"] = VERIFY_STATS.as_dict()
+        if run_dir is not None:
+            from mcts.export import write_exports
 
-    # answer checks of this process (timeouts and errors were scored as incorrect)
-    summary["answer_checks"] = VERIFY_STATS.as_dict()
-    if run_dir is not None:
-        from mcts.export import write_exports
-
-        summary["exports"] = write_exports(run_dir, margin=cfg.pair_margin)
-    return SearchResult(results=results, summary=summary)
+            summary["exports"] = write_exports(run_dir, margin=cfg.pair_margin)
+        return SearchResult(results=results, summary=summary)
 
 
 def summarize(

@@ -33,6 +33,8 @@ class NodeData:
     n_tokens: int = 0
     finish: str = ""
     count: int = 1  # identical sibling samples merged into this node
+    mean_logprob: float = float("nan")
+    features: np.ndarray | None = None  # policy hidden state at the step's end (if returned)
 
 
 @dataclass

@@ -71,6 +71,12 @@ class Step:
     token_logprobs: tuple[float, ...]
     finish: Finish
     count: int = 1  # identical siblings are merged into one Step with count > 1
+    # The policy model's hidden state at the end of the step, from the decode that generated
+    # it (generators that support it, when features are enabled), float32, shape
+    # (n_pieces, dim): one row per piece of `text.split(stop)` (to_end samples run through
+    # delimiters; a plain step has one piece). Row i is the state at the last token fed
+    # before piece i ended (the state whose logits chose the delimiter / EOS / last token).
+    features: Any = field(default=None, compare=False, repr=False)
 
     @property
     def n_tokens(self) -> int:
@@ -83,20 +89,31 @@ class Step:
 
 @dataclass
 class Usage:
-    """Exact token accounting. Adds up with `+=`."""
+    """Exact token accounting. Adds up with `+=`.
+
+    `calls` counts model calls. A backend sets it to 1 on the first Generation of each
+    `generate()` call, so a wave's usages sum to one call. `call_id` names the call a usage
+    came from (the search stamps it, see mcts.generators.counting): adding usages of the same
+    call one after the other counts that call once, so a problem's usage counts the
+    generator calls (waves) that included it, however many of its requests a wave held.
+    """
 
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     generated_tokens: int = 0
     reward_tokens: int = 0
     calls: int = 0
+    call_id: int | None = field(default=None, compare=False, repr=False)
 
     def __iadd__(self, other: Usage) -> Usage:
         self.prompt_tokens += other.prompt_tokens
         self.cached_prompt_tokens += other.cached_prompt_tokens
         self.generated_tokens += other.generated_tokens
         self.reward_tokens += other.reward_tokens
-        self.calls += other.calls
+        if other.call_id is None or other.call_id != self.call_id:
+            self.calls += other.calls
+        if other.call_id is not None:
+            self.call_id = other.call_id
         return self
 
     def as_dict(self) -> dict[str, int]:
@@ -150,6 +167,9 @@ class ScoreItem:
     reference: str | None = None
     terminal: bool = False
     problem: Problem | None = None
+    # The policy's hidden state at the end of the last step (Step.features row), when the
+    # generator returned one: what a learned value model reads instead of the text.
+    features: Any = field(default=None, compare=False, repr=False)
 
 
 @runtime_checkable
@@ -157,8 +177,11 @@ class Reward(Protocol):
     """Scores a wave of items at once: one float in [0, 1] each.
 
     NaN/inf are errors, never silently used. A reward that spends model tokens sets
-    `last_tokens` (np.ndarray of ints, one per item of the last call) so costs are
-    charged to the right problem; rewards that cost nothing may omit it.
+    `last_tokens` (np.ndarray of ints, one per item of the last call: tokens the reward
+    model read) so costs are charged to the right problem; rewards that cost nothing may
+    omit it. A reward that WRITES text (MC rollouts) also sets `last_generated_tokens`
+    (counted as the problem's generated tokens) and `max_generated_tokens` (its worst case
+    per item, reserved inside the token budget so the budget stays a hard bound).
     """
 
     def score(self, items: Sequence[ScoreItem]) -> np.ndarray: ...

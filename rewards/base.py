@@ -8,6 +8,7 @@ that returned NaN/inf (such a value is never returned, let alone backed up into 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +22,7 @@ __all__ = [
     "missing_references",
     "aggregate_steps",
     "AGGREGATIONS",
+    "reward_identity",
 ]
 
 AGGREGATIONS = ("last", "min", "prod", "mean")
@@ -120,3 +122,70 @@ def item_problem(item: ScoreItem, index: int, reward: str) -> Problem:
 def missing_references(problems: Iterable[Problem]) -> list[str]:
     """Ids of problems that an answer-checking reward cannot verify (no answer, no check)."""
     return [p.id for p in problems if p.answer is None and p.check is None]
+
+
+# Attributes that are run state, not configuration (counters, last-call results, caches).
+_STATE_ATTRS = frozenset({"stats", "calls", "truncated", "tokenizer", "pad_id"})
+_UNKNOWN = object()
+
+
+def _describe(value: Any, depth: int = 0) -> Any:
+    """A JSON-able description of one configuration value (models by identity, not bytes)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist() if value.size <= 1024 else _UNKNOWN
+    if depth > 4:
+        return _UNKNOWN
+    if isinstance(value, (list, tuple)):
+        items = [_describe(v, depth + 1) for v in value]
+        return _UNKNOWN if any(v is _UNKNOWN for v in items) else items
+    if isinstance(value, dict):
+        out = {str(k): _describe(v, depth + 1) for k, v in value.items()}
+        return {k: v for k, v in out.items() if v is not _UNKNOWN}
+    if hasattr(value, "score") and callable(value.score):  # a component reward
+        return reward_identity(value)
+    name = getattr(value, "name_or_path", None) or getattr(
+        getattr(value, "config", None), "_name_or_path", None
+    )
+    if isinstance(name, str) and name:  # a HF model (a PRM): its weights
+        from mcts.generators.base import model_source
+
+        return {**model_source(name), "dtype": str(getattr(value, "dtype", ""))}
+    if hasattr(value, "generate") and callable(value.generate):  # a generator (judge, rollout)
+        from mcts.generators.base import generator_identity
+
+        return generator_identity(value)
+    if callable(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value))}"
+    return _UNKNOWN
+
+
+def reward_identity(reward: Any) -> dict[str, Any] | None:
+    """What a reward's scores depend on, for the run fingerprint (mcts.export.fingerprint).
+
+    A reward's own `identity()` wins. Otherwise: its class, `name`, `requires_reference` and
+    every public attribute that describes configuration: numbers, strings, lists of them,
+    component rewards and generators (by their identity), HF models (by name or local hash).
+    Run state is left out: names starting with "_" or "last_", and counters such as
+    `calls` / `stats`. None for no reward.
+    """
+    if reward is None:
+        return None
+    own = getattr(reward, "identity", None)
+    if callable(own):
+        return dict(own())
+    cls = type(reward)
+    out: dict[str, Any] = {"class": f"{cls.__module__}.{cls.__qualname__}"}
+    for key in ("name", "requires_reference"):
+        if hasattr(reward, key):
+            out[key] = _describe(getattr(reward, key))
+    for key, value in sorted(vars(reward).items()):
+        if key.startswith(("_", "last_")) or key in _STATE_ATTRS:
+            continue
+        desc = _describe(value)
+        if desc is not _UNKNOWN:
+            out[key] = desc
+    return out

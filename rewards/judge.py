@@ -8,6 +8,7 @@ per wave.
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,7 +31,7 @@ class LLMJudge:
     """P(Yes) vs P(No) after a judging prompt; `last_tokens` counts the tokens scored."""
 
     name = "judge"
-    requires_reference = False
+    requires_reference = False  # per instance: True when the template uses {reference}
 
     def __init__(
         self,
@@ -61,6 +62,13 @@ class LLMJudge:
             )
         self.generator = generator
         self.template = template
+        # A template that shows the reference answer makes the judge an oracle: its
+        # accuracy is not a test-time figure (summary and results rows say so).
+        self.requires_reference = "reference" in {
+            f.split(".")[0].split("[")[0]
+            for _, f, _, _ in string.Formatter().parse(template)
+            if f is not None
+        }
         self.system = system
         self.continuations = (yes_text, no_text)
         self.answer_prefix = answer_prefix

@@ -87,6 +87,8 @@ test)
     model_dir="$(convert)"
     log "model folder: $model_dir"
     export MCTS_VLLM_MODEL="$model_dir"
+    # In this lane a vllm that does not import is a failure, not a skip (tests/test_vllm.py).
+    export MCTS_REQUIRE_VLLM=1
     "$BIN/python" -m pytest -q -m vllm tests/test_vllm.py "$@"
     log "lane finished in $((SECONDS - t0)) s"
     ;;

@@ -115,3 +115,90 @@ def test_end_to_end_on_the_embedded_model(tmp_path):
     text = format_summary(summary)
     assert "accuracy (selected)" in text and "pass@k" in text
     assert not math.isnan(summary["seconds"])
+
+
+# -- resume safety, with the deterministic fakes in place of the models -----------------
+
+
+@pytest.fixture
+def fake_models(monkeypatch):
+    """The app's factories build the fakes; `built` counts the generators built."""
+    import threading
+
+    import mcts.distributed.driver as driver
+    from mcts.export import RunDirBusyError, hold_run_dir
+    from tests.fakes import FakeGenerator, FakePRM
+
+    built: list[object] = []
+    lock_probe: dict[str, object] = {}
+
+    class ProbingFake(FakeGenerator):
+        def generate(self, requests):
+            if "run_dir" in lock_probe and "result" not in lock_probe:
+
+                def probe() -> None:
+                    try:
+                        with hold_run_dir(lock_probe["run_dir"]):
+                            lock_probe["result"] = "acquired"
+                    except RunDirBusyError as e:
+                        lock_probe["result"] = e
+
+                t = threading.Thread(target=probe)
+                t.start()
+                t.join()
+            return super().generate(requests)
+
+    def build_generator(spec):
+        built.append(spec)
+        return ProbingFake()
+
+    monkeypatch.setattr(driver, "build_generator", build_generator)
+    monkeypatch.setattr(driver, "build_reward", lambda spec, gen: FakePRM())
+    return built, lock_probe
+
+
+FAST = ["task.size=2", "search.token_budget=24", "search.step_max_tokens=8", "progress=false"]
+
+
+def test_app_rerun_with_another_budget_stops_before_any_model_loads(tmp_path, fake_models):
+    from mcts.export import RunDirBusyError, RunDirMismatchError
+
+    built, lock_probe = fake_models
+    lock_probe["run_dir"] = tmp_path
+    first = run(_compose(FAST), tmp_path)
+    assert first["problems"] == 2 and len(built) == 1
+    # while the search ran, the directory was held: another claimant was refused
+    assert isinstance(lock_probe["result"], RunDirBusyError)
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert all(r["fingerprint_fields"]["task.name"] == "basic_arithmetic" for r in rows)
+    assert all(r["reward_uses_reference"] is False for r in rows)
+    with pytest.raises(RunDirMismatchError, match=r"search\.token_budget: 24 -> 32"):
+        run(_compose([*FAST, "search.token_budget=32"]), tmp_path)
+    with pytest.raises(RunDirMismatchError, match=r"task\.seed: 0 -> 1"):
+        run(_compose([*FAST, "task.seed=1"]), tmp_path)
+    assert len(built) == 1  # refused before any model was built
+    # the original settings resume (a larger task extends the run)
+    again = run(_compose([*FAST, "task.size=3"]), tmp_path)
+    assert again["searched_now"] == 1 and again["problems"] == 3
+
+
+def test_app_summary_json_survives_a_crash_while_it_is_written(tmp_path, fake_models, monkeypatch):
+    import os
+
+    import mcts.export.io as io
+
+    run(_compose(FAST), tmp_path)
+    before = (tmp_path / "summary.json").read_bytes()
+    assert json.loads(before)["problems"] == 2
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:  # the disk fills up while summary.json is written
+        if "summary.json" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(io.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="No space left"):
+        run(_compose([*FAST, "task.size=3"]), tmp_path)
+    assert (tmp_path / "summary.json").read_bytes() == before  # the old one, whole
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".summary.json")]

@@ -34,6 +34,7 @@ from mcts.distributed import (
     distributed_search,
     make_chunks,
 )
+from mcts.generators.counting import count_calls
 from mcts.search import Search, search
 from tests.fakes import FakeGenerator, FakePRM, problems
 
@@ -69,7 +70,15 @@ def log_ids(run_dir: Path) -> list[str]:
 
 
 # -- test generators, imported by the workers (by reference: tests.test_distributed) --------
-class BlockOnce(FakeGenerator):
+class SameModelAsFake(FakeGenerator):
+    """A test harness around the fake model: for the run fingerprint it IS the fake (a run
+    that crashed through it resumes with the plain fake)."""
+
+    def identity(self) -> dict:
+        return {"class": "tests.fakes.FakeGenerator"}
+
+
+class BlockOnce(SameModelAsFake):
     """Blocks the first time it sees `question` (after writing its pid to `marker`) so the
     test can kill this worker while it is provably mid-chunk; later attempts run normally."""
 
@@ -90,7 +99,7 @@ class BlockOnce(FakeGenerator):
         return super().generate(requests)
 
 
-class CrashOn(FakeGenerator):
+class CrashOn(SameModelAsFake):
     """The worker process dies (like an OOM kill) whenever it is asked about `question`."""
 
     def __init__(self, question: str) -> None:
@@ -121,9 +130,10 @@ def test_per_problem_results_do_not_depend_on_batching(algorithm):
     )
     ps = problems(7)
     reward = None if algorithm == "self_consistency" else FakePRM()
-    whole = rows(Search(FakeGenerator(), reward, cfg).run(ps))
+    # count_calls: as search() and SearchWorker do (tokens_calls counts waves per problem)
+    whole = rows(Search(count_calls(FakeGenerator()), reward, cfg).run(ps))
     one = SearchConfig(**{**cfg.__dict__, "max_live_trees": 1})
-    alone = rows(Search(FakeGenerator(), reward, one).run(ps[::-1]))
+    alone = rows(Search(count_calls(FakeGenerator()), reward, one).run(ps[::-1]))
     three = SearchConfig(**{**cfg.__dict__, "max_live_trees": 3})
     worker = SearchWorker(FakeGenerator, FakePRM if reward else None, three)
     chunked = {}
@@ -200,6 +210,27 @@ def test_workers_zero_is_the_single_process_search(tmp_path):
     res = distributed_search(problems(5), FakeGenerator, FakePRM, CFG, tmp_path, workers=0)
     assert rows(res.results) == rows(ref.results)
     assert sorted(log_ids(tmp_path)) == sorted(rows(ref.results))
+
+
+def test_workers_zero_writes_and_checks_the_fingerprint_like_search(tmp_path):
+    from mcts.export import RunDirMismatchError
+
+    ref = tmp_path / "search"
+    search(problems(2), FakeGenerator(), FakePRM(), CFG, run_dir=ref)
+    distributed_search(problems(2), FakeGenerator, FakePRM, CFG, tmp_path / "d", workers=0)
+    lines = (ref / "results.jsonl").read_text().splitlines()
+    want = {json.loads(x)["fingerprint"] for x in lines}
+    got = [json.loads(x) for x in (tmp_path / "d" / "results.jsonl").read_text().splitlines()]
+    assert {r["fingerprint"] for r in got} == want and len(want) == 1
+    assert all(r["reward_uses_reference"] is False for r in got)
+    other = SearchConfig(**{**CFG.__dict__, "token_budget": 64})
+    with pytest.raises(RunDirMismatchError, match=r"search\.token_budget: 48 -> 64"):
+        distributed_search(problems(3), FakeGenerator, FakePRM, other, tmp_path / "d", workers=0)
+    # a different reward is only known once the models are built, still before any search
+    verifier = ("rewards.verifier:OutcomeVerifier", {})
+    with pytest.raises(RunDirMismatchError, match=r"reward\.class"):
+        distributed_search(problems(3), FakeGenerator, verifier, CFG, tmp_path / "d", workers=0)
+    assert log_ids(tmp_path / "d") == [r["id"] for r in got]  # nothing was added
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "distributed").glob("*.yaml")))
@@ -356,6 +387,29 @@ def test_worker_errors_stop_the_run_with_the_cause(ray_session, tmp_path):
             CFG,
             workers=1,
         )
+
+
+def test_ray_rows_carry_the_single_process_fingerprint_and_refuse_another_model(
+    ray_session, tmp_path
+):
+    from mcts.export import RunDirMismatchError
+
+    ref = search(problems(2), FakeGenerator(), FakePRM(), CFG, run_dir=tmp_path / "one")
+    assert ref.results
+    res = distributed_search(problems(3), FakeGenerator, FakePRM, CFG, tmp_path, workers=1)
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    one = json.loads((tmp_path / "one" / "results.jsonl").read_text().splitlines()[0])
+    assert {r["fingerprint"] for r in rows} == {one["fingerprint"]}
+    assert all(r["tokens_calls"] > 0 for r in rows) and len(res.results) == 3
+    # another generator (its identity comes from a worker) is refused before any chunk
+    other = ("tests.test_distributed:OtherModel", {})
+    with pytest.raises(RunDirMismatchError, match=r"generator\.class"):
+        distributed_search(problems(4), other, FakePRM, CFG, tmp_path, workers=1)
+    assert sorted(log_ids(tmp_path)) == ["p0", "p1", "p2"]
+
+
+class OtherModel(FakeGenerator):
+    """Another model, as far as the fingerprint can tell."""
 
 
 def test_run_search_dispatches_like_the_app(ray_session, tmp_path):

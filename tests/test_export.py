@@ -201,6 +201,92 @@ def test_tree_without_results_line_is_ignored(tmp_path):
     assert set(pq.read_table(info["traces"]).column("problem_id").to_pylist()) == {"done"}
 
 
+def test_results_log_refuses_to_truncate_lines_another_process_appended(tmp_path):
+    from mcts.export import ResultsLogChangedError
+
+    p = tmp_path / "results.jsonl"
+    p.write_text('{"id": "a"}\n{"id": "b", "x": ')  # a torn tail this log would repair
+    mine = ResultsLog(tmp_path)
+    assert mine.torn
+    with open(p, "a") as f:  # meanwhile another writer completes the line and adds one
+        f.write('1}\n{"id": "c"}\n')
+    with pytest.raises(ResultsLogChangedError, match="another process"):
+        mine.append({"id": "d"})
+    assert [json.loads(x)["id"] for x in p.read_text().splitlines()] == ["a", "b", "c"]
+
+
+# ---------------------------------------------------------------- one writer per run dir
+
+
+_HOLD = """
+import sys, time
+from mcts.export import hold_run_dir
+with hold_run_dir(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_run_on_a_held_run_dir_fails_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    from mcts.config import SearchConfig
+    from mcts.export import RunDirBusyError
+    from mcts.search import search
+    from tests.fakes import FakeGenerator, FakePRM, problems
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        gen = FakeGenerator()
+        with pytest.raises(RunDirBusyError, match=rf"pid {holder.pid}\b.*run directory"):
+            search(problems(2), gen, FakePRM(), SearchConfig(token_budget=32), run_dir=tmp_path)
+        assert gen.calls == 0 and not (tmp_path / "results.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone (killed: the kernel dropped its lock): the directory is free again
+    res = search(problems(2), FakeGenerator(), FakePRM(), SearchConfig(token_budget=32), tmp_path)
+    assert len(res.results) == 2
+
+
+def test_run_dir_lock_is_reentrant_in_a_thread_and_exclusive_across_threads(tmp_path):
+    import threading
+
+    from mcts.export import RunDirBusyError, hold_run_dir
+
+    errors: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            with hold_run_dir(tmp_path):
+                pass
+        except BaseException as e:  # noqa: BLE001 - inspected below
+            errors.append(e)
+
+    with hold_run_dir(tmp_path):
+        with hold_run_dir(tmp_path / "."):  # same directory, same thread: re-entered
+            t = threading.Thread(target=other_thread)
+            t.start()
+            t.join()
+        assert len(errors) == 1 and isinstance(errors[0], RunDirBusyError)
+        # a second open file description in this process cannot take the flock either
+        import fcntl
+        import os
+
+        fd = os.open(tmp_path / ".lock", os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+    with hold_run_dir(tmp_path):  # released at the end of the outer block
+        pass
+
+
 # ---------------------------------------------------------------- run dir checks
 
 

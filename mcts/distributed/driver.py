@@ -19,6 +19,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,7 @@ def distributed_search(
     namespace: str | None = None,
     progress: bool = False,
     on_result: Callable[[ProblemResult], None] | None = None,
+    task_config: Any = None,
 ) -> SearchResult:
     """`mcts.search.search`, sharded over `workers` Ray actors that each build their own models.
 
@@ -109,6 +111,11 @@ def distributed_search(
     `workers=0` runs the plain single-process search on one generator built here.
     If Ray is already initialised that session is used (and left running); otherwise one
     is started (address=None: a private local instance) and shut down at the end.
+    As `search`, the driver holds `<run_dir>/.lock` for the whole run and stamps every row
+    with the configuration fingerprint: search and task settings are checked against the
+    directory before Ray starts, the models' identities (computed on a worker) before any
+    chunk is dealt. When nothing is left to search no model is built, so only the search
+    and task settings are checked.
     """
     dcfg = DistributedConfig(
         workers=workers,
@@ -127,61 +134,82 @@ def distributed_search(
     gen_spec = check_spec(generator_factory, "generator_factory")
     reward_spec = check_spec(reward_factory, "reward_factory", optional=True)
 
-    results_log = None
-    if run_dir is not None:
-        from mcts.export import ResultsLog, check_writable
+    with ExitStack() as held:
+        results_log = None
+        stamp: dict[str, Any] = {}  # the fingerprint fields every results row carries
+        if run_dir is not None:
+            from mcts.export import (
+                ResultsLog,
+                check_resume,
+                check_writable,
+                hold_run_dir,
+                run_fingerprint,
+            )
 
-        run_dir = Path(run_dir)
-        check_writable(run_dir)  # before any model loads
-        results_log = ResultsLog(run_dir)
-        done = results_log.done_ids(cfg.algorithm)
-        problems = [p for p in problems if p.id not in done]
+            run_dir = Path(run_dir)
+            check_writable(run_dir)  # before any model loads
+            held.enter_context(hold_run_dir(run_dir))  # one writer per run dir, whole run
+            results_log = ResultsLog(run_dir)
+            # search + task settings now, before Ray starts or any model loads
+            check_resume(results_log, run_fingerprint(cfg, task_config), problems)
+            done = results_log.done_ids(cfg.algorithm)
+            problems = [p for p in problems if p.id not in done]
 
-    collected: list[ProblemResult] = []
+        def identify(models: dict[str, Any]) -> None:
+            """Called once the models are built, before any problem is searched."""
+            if results_log is not None:
+                fp = run_fingerprint(cfg, task_config, models)
+                check_resume(results_log, fp)
+                stamp.update(fp.row_fields())
 
-    def record(res: ProblemResult) -> None:
+        collected: list[ProblemResult] = []
+
+        def record(res: ProblemResult) -> None:
+            if results_log is not None:
+                results_log.append(res, extra=stamp)
+            collected.append(res)
+            if on_result is not None:
+                on_result(res)
+
+        t0 = time.perf_counter()
+        if not problems:  # everything is in results.jsonl already
+            stats, uses_ref, extra = empty_stats(), False, {}
+        elif dcfg.workers == 0:
+            stats, uses_ref, extra = _run_local(
+                problems, gen_spec, reward_spec, cfg, record, progress, identify
+            )
+        else:
+            stats, uses_ref, extra = _run_ray(
+                problems, gen_spec, reward_spec, cfg, dcfg, record, progress, identify
+            )
+        wall = time.perf_counter() - t0
+
+        order = {p.id: i for i, p in enumerate(problems)}
+        collected.sort(key=lambda r: order[r.problem.id])
+        # As search(): with a run dir the figures cover every problem in it (resumed runs too).
         if results_log is not None:
-            results_log.append(res)
-        collected.append(res)
-        if on_result is not None:
-            on_result(res)
+            rows = [r for r in results_log.rows() if r.get("algorithm") == cfg.algorithm]
+        else:
+            rows = [r.row() for r in collected]
+        summary = summarize(rows, stats, wall)
+        summary["reward_uses_reference"] = uses_ref
+        summary["searched_now"] = len(collected)
+        if extra:
+            # Worker time outside model calls (idle waiting for a chunk included).
+            worker_time = wall * extra["workers"]
+            model_s = stats["generator_seconds"] + stats["reward_seconds"]
+            summary["overhead_share"] = max(0.0, 1 - model_s / worker_time) if worker_time else 0.0
+            summary["distributed"] = extra
+        if run_dir is not None:
+            from mcts.export import write_exports
 
-    t0 = time.perf_counter()
-    if not problems:  # everything is in results.jsonl already
-        stats, uses_ref, extra = empty_stats(), False, {}
-    elif dcfg.workers == 0:
-        stats, uses_ref, extra = _run_local(problems, gen_spec, reward_spec, cfg, record, progress)
-    else:
-        stats, uses_ref, extra = _run_ray(
-            problems, gen_spec, reward_spec, cfg, dcfg, record, progress
-        )
-    wall = time.perf_counter() - t0
-
-    order = {p.id: i for i, p in enumerate(problems)}
-    collected.sort(key=lambda r: order[r.problem.id])
-    # As search(): with a run dir the figures cover every problem in it (resumed runs too).
-    if results_log is not None:
-        rows = [r for r in results_log.rows() if r.get("algorithm") == cfg.algorithm]
-    else:
-        rows = [r.row() for r in collected]
-    summary = summarize(rows, stats, wall)
-    summary["reward_uses_reference"] = uses_ref
-    summary["searched_now"] = len(collected)
-    if extra:
-        # Worker time outside model calls (idle waiting for a chunk included).
-        worker_time = wall * extra["workers"]
-        model_s = stats["generator_seconds"] + stats["reward_seconds"]
-        summary["overhead_share"] = max(0.0, 1 - model_s / worker_time) if worker_time else 0.0
-        summary["distributed"] = extra
-    if run_dir is not None:
-        from mcts.export import write_exports
-
-        summary["exports"] = write_exports(run_dir, margin=cfg.pair_margin)
-    return SearchResult(results=collected, summary=summary)
+            summary["exports"] = write_exports(run_dir, margin=cfg.pair_margin)
+        return SearchResult(results=collected, summary=summary)
 
 
-def _run_local(problems, gen_spec, reward_spec, cfg, record, progress):
+def _run_local(problems, gen_spec, reward_spec, cfg, record, progress, identify):
     worker = SearchWorker(gen_spec, reward_spec, cfg)
+    identify(worker.identity())
     worker.check_problems(problems)
     worker.engine.on_result, worker.engine.progress = record, progress
     worker.engine.run(problems)
@@ -218,7 +246,9 @@ def _check_resources(ray: Any, dcfg: DistributedConfig, n_workers: int, strict: 
             log.warning("%s (waiting for the autoscaler, if any)", msg)
 
 
-def _run_ray(problems, gen_spec, reward_spec, cfg, dcfg: DistributedConfig, record, progress):
+def _run_ray(
+    problems, gen_spec, reward_spec, cfg, dcfg: DistributedConfig, record, progress, identify
+):
     ray = _import_ray()
     from ray import exceptions as rex
 
@@ -254,6 +284,8 @@ def _run_ray(problems, gen_spec, reward_spec, cfg, dcfg: DistributedConfig, reco
         except rex.RayError as e:
             raise DistributedError(f"a worker failed to start (building its models): {e}") from e
         uses_ref = any(i["reward_uses_reference"] for i in infos)
+        # the run fingerprint with the models' identities, before any chunk is dealt
+        identify(ray.get(actors[0].identity.remote()))
         try:  # the reward's pre-flight check, once, before any chunk is dealt
             ray.get(actors[0].check_problems.remote(problems))
         except rex.RayTaskError as e:
@@ -355,11 +387,13 @@ def run_search(
     run_dir: str | Path | None = None,
     distributed: DistributedConfig | dict[str, Any] | None = None,
     progress: bool = False,
+    task_config: Any = None,
 ) -> SearchResult:
     """What the Hydra app calls: sharded when `distributed.workers > 0`, else in-process.
 
     generator_cfg / reward_cfg are the app's config dicts (the reward is dropped for
-    self_consistency, which needs none, as the single-process app does).
+    self_consistency, which needs none, as the single-process app does). task_config goes
+    into the run fingerprint.
     """
     dcfg = (
         distributed
@@ -372,7 +406,22 @@ def run_search(
 
         generator = build_generator(check_spec(generator_cfg, "generator"))
         rew = build_reward(check_spec(reward, "reward", optional=True), generator)
-        return search(problems, generator, rew, search_cfg, run_dir=run_dir, progress=progress)
+        return search(
+            problems,
+            generator,
+            rew,
+            search_cfg,
+            run_dir=run_dir,
+            progress=progress,
+            task_config=task_config,
+        )
     return distributed_search(
-        problems, generator_cfg, reward, search_cfg, run_dir, progress=progress, **dcfg.kwargs()
+        problems,
+        generator_cfg,
+        reward,
+        search_cfg,
+        run_dir,
+        progress=progress,
+        task_config=task_config,
+        **dcfg.kwargs(),
     )

@@ -16,6 +16,7 @@ from typing import Any
 
 from mcts.config import SearchConfig
 from mcts.distributed.factories import Spec, build_generator, build_reward
+from mcts.generators.counting import count_calls
 from mcts.results import ProblemResult
 from mcts.search import Search
 from mcts.types import Problem
@@ -39,7 +40,8 @@ class SearchWorker:
         self.generator = build_generator(generator_spec)
         self.reward = build_reward(reward_spec, self.generator)
         self.cfg = cfg
-        self.engine = Search(self.generator, self.reward, cfg)
+        # count_calls: each result's tokens_calls = the generator calls that included it
+        self.engine = Search(count_calls(self.generator), self.reward, cfg)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def info(self) -> dict[str, Any]:
@@ -52,6 +54,13 @@ class SearchWorker:
             # Whatever rule search() uses to flag an oracle-guided reward, applied here.
             "reward_uses_reference": summarize([], zero, 1.0, self.reward)["reward_uses_reference"],
         }
+
+    def identity(self) -> dict[str, Any]:
+        """The models' identities for the run fingerprint (mcts.export.fingerprint), computed
+        here where the model files are (the driver may not see them)."""
+        from mcts.export.fingerprint import model_identities
+
+        return model_identities(self.generator, self.reward)
 
     def check_problems(self, problems: Sequence[Problem]) -> None:
         """The reward's own pre-flight check (e.g. a verifier without reference answers)."""

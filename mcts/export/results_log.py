@@ -20,10 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from mcts.export.io import dumps_line
-from mcts.export.trees import save_tree, tree_path
+from mcts.export.trees import features_path, save_features, save_tree, tree_path
 from mcts.results import ProblemResult
 
 RESULTS = "results.jsonl"
+
+
+class ResultsLogChangedError(RuntimeError):
+    """results.jsonl was written by someone else while this log held it."""
 
 
 def _key(row: dict[str, Any]) -> tuple[str, str]:
@@ -46,6 +50,7 @@ class ResultsLog:
         self._rows: list[dict[str, Any]] = []
         self._keys: set[tuple[str, str]] = set()
         self._good_end = 0  # byte offset just past the last intact line
+        self._size = 0  # the file's size as this log last saw it (torn tail included)
         self.torn = False  # a torn last line was found (and will be truncated on append)
         self._lock = threading.Lock()
         self._load()
@@ -54,6 +59,7 @@ class ResultsLog:
         if not self.path.exists():
             return
         data = self.path.read_bytes()
+        self._size = len(data)
         pos, lineno = 0, 0
         while pos < len(data):
             nl = data.find(b"\n", pos)
@@ -101,13 +107,20 @@ class ResultsLog:
     def __contains__(self, key: object) -> bool:
         return key in self._keys
 
-    def append(self, item: ProblemResult | dict[str, Any]) -> dict[str, Any]:
+    def append(
+        self, item: ProblemResult | dict[str, Any], extra: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Persist one finished problem durably (flush + fsync) before returning its row.
 
         A ProblemResult also gets its tree saved first; a plain dict is just logged.
+        `extra`: fields added to the row (the run's fingerprint, see mcts.export.fingerprint).
+        Refuses to write if the file changed on disk since this log read it (another process
+        appended: truncating a torn tail then would destroy its lines).
         """
         result = item if isinstance(item, ProblemResult) else None
         row = item.row() if result is not None else item
+        if extra and isinstance(row, dict):
+            row = {**row, **extra}
         if not isinstance(row, dict) or "id" not in row:
             raise ValueError(
                 "append() takes a ProblemResult or a dict with an 'id' field (ProblemResult.row())"
@@ -130,8 +143,21 @@ class ResultsLog:
                     reference=result.problem.answer,
                     algorithm=result.algorithm,
                 )
-            if self.path.exists() and self.path.stat().st_size > self._good_end:
+                if result.features is not None:  # the policy's hidden state per node
+                    save_features(
+                        result.features,
+                        features_path(self.run_dir, result.problem.id, result.algorithm),
+                    )
+            size = self.path.stat().st_size if self.path.exists() else 0
+            if size != self._size:
+                raise ResultsLogChangedError(
+                    f"{self.path} changed on disk since it was read ({self._size} -> {size} "
+                    "bytes): another process is writing this run directory. Nothing was "
+                    "appended; give each run its own directory"
+                )
+            if size > self._good_end:
                 os.truncate(self.path, self._good_end)  # drop a torn tail before appending
+                self._size = self._good_end
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 view = memoryview(line)
@@ -139,9 +165,14 @@ class ResultsLog:
                     n = os.write(fd, view)
                     view = view[n:]
                 os.fsync(fd)
+            except BaseException:
+                self._size = os.fstat(fd).st_size  # a partial line: a torn tail to repair
+                self.torn = self._size > self._good_end
+                raise
             finally:
                 os.close(fd)
             self._good_end += len(line)
+            self._size = self._good_end
             self.torn = False
             self._keys.add(k)
             self._rows.append(json.loads(line))

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
+import numpy as np
 
-from mcts.export.io import atomic_write_text, jsonable, safe_filename
+from mcts.export.io import atomic_write, atomic_write_text, jsonable, safe_filename
 
 FLOAT_ATTRS = ("q", "reward", "prior", "value_target")
 TREES_DIR = "trees"
@@ -31,6 +32,39 @@ def tree_path(run_dir: str | os.PathLike[str], problem_id: str, algorithm: str =
         / safe_filename(algorithm or "default")
         / f"{safe_filename(problem_id)}.json"
     )
+
+
+def features_path(run_dir: str | os.PathLike[str], problem_id: str, algorithm: str = "") -> Path:
+    """Where the per-node hidden states of (problem, algorithm) live: beside its tree."""
+    return tree_path(run_dir, problem_id, algorithm).with_suffix(".features.npy")
+
+
+def save_features(features: np.ndarray, path: Path) -> Path:
+    """(n_nodes, dim) float32, row = node id, NaN rows where a node has none; atomic."""
+    arr = np.ascontiguousarray(features, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"features must be (n_nodes, dim), got shape {arr.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr, allow_pickle=False)
+
+    return atomic_write(path, write)
+
+
+def load_features(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read what save_features wrote (no pickles: the file is data, never code)."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"{path}: not a features file written by the search ({exc}); rerun the search "
+            "for this problem (delete its results line) or remove the file"
+        ) from exc
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: features must be (n_nodes, dim), got shape {arr.shape}")
+    return arr
 
 
 def tree_to_json(graph: nx.DiGraph, **graph_attrs: Any) -> str:

@@ -21,8 +21,12 @@ Conventions (documented here once, relied on by the search):
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import math
+import os
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,9 +53,12 @@ __all__ = [
     "check_prompt_fits",
     "embedded_model_path",
     "finish_step",
+    "generator_identity",
     "log_softmax",
     "merge_duplicates",
     "messages_as_dicts",
+    "model_sha256",
+    "model_source",
     "prefix_order",
     "run_wave",
     "sample_rng",
@@ -515,3 +522,100 @@ def run_wave(
                 request_index=rid,
             ) from exc
     return results
+
+
+# --------------------------------------------------------------------------- identity
+# What a results row records about the model that produced it (mcts.export.fingerprint):
+# a resumed run must use the same weights and sampling-relevant settings.
+
+_SHA_CACHE = "sha256-cache.json"
+
+
+def _sha_cache_file() -> Path:
+    env = os.environ.get("MCTS_CACHE")
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "mcts"
+    return root / _SHA_CACHE
+
+
+def _file_sha256(path: Path, cache: dict[str, Any]) -> tuple[str, bool]:
+    """(hex SHA-256 of one file, whether it was computed now), cached by path+size+mtime."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = [st.st_size, st.st_mtime_ns]
+    hit = cache.get(real)
+    if isinstance(hit, dict) and hit.get("stat") == key and isinstance(hit.get("sha256"), str):
+        return hit["sha256"], False
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    cache[real] = {"stat": key, "sha256": h.hexdigest()}
+    return h.hexdigest(), True
+
+
+def model_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a model file, or of a model folder (each file's relative path and hash).
+
+    Hashes are cached in `$MCTS_CACHE/sha256-cache.json` (default ~/.cache/mcts) by real path,
+    size and mtime, so a multi-GB model is read once, not on every run. Hidden files and
+    folders (.git, .cache) of a folder are left out.
+    """
+    p = Path(path).expanduser()
+    cache_file = _sha_cache_file()
+    try:
+        cache = json.loads(cache_file.read_text())
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    fresh = False
+    if p.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p.rglob("*")):
+            rel = f.relative_to(p)
+            if any(part.startswith(".") for part in rel.parts) or not f.is_file():
+                continue
+            sha, new = _file_sha256(f, cache)
+            fresh |= new
+            h.update(f"{rel.as_posix()}\0{sha}\n".encode())
+        digest = h.hexdigest()
+    else:
+        digest, fresh = _file_sha256(p, cache)
+    if fresh:  # best effort: a cache that cannot be written only costs a re-hash next time
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{_SHA_CACHE}.", dir=cache_file.parent)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(cache, fh)
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass
+    return digest
+
+
+def model_source(name_or_path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """Where weights come from: a local file/folder by its hash (`model_path` is then only
+    informational: moving the model changes nothing), else the hub id as given."""
+    if name_or_path is None:
+        return {"model": None}
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        return {"model_path": str(p.resolve()), "model_sha256": model_sha256(p)}
+    return {"model": str(name_or_path)}
+
+
+def generator_identity(generator: Any) -> dict[str, Any]:
+    """The generator's own `identity()` (backend, model hash, sampling-relevant settings);
+    for a generator without one, just its class (implement `identity()` to record more)."""
+    from mcts.generators.counting import CallCountingGenerator
+
+    if isinstance(generator, CallCountingGenerator):
+        generator = generator.inner
+    own = getattr(generator, "identity", None)
+    if callable(own):
+        out = dict(own())
+    else:
+        out = {}
+    cls = type(generator)
+    out.setdefault("class", f"{cls.__module__}.{cls.__qualname__}")
+    return out

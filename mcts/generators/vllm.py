@@ -42,6 +42,7 @@ from mcts.generators.base import (
     continuation_sequences,
     finish_step,
     messages_as_dicts,
+    model_source,
     run_wave,
     stop_index,
     validate_continuation_requests,
@@ -149,6 +150,7 @@ class VLLMGenerator:
             )
         self.n_ctx = int(llm.llm_engine.model_config.max_model_len)
         self._rng = np.random.default_rng(seed)
+        self._seed = seed  # for identity()
         self.engine_stats: dict[str, int] = {
             "calls": 0,
             "sequences": 0,
@@ -164,6 +166,29 @@ class VLLMGenerator:
         from vllm import LLM
 
         return cls(LLM(**kwargs), seed=cfg.seed)
+
+    def identity(self) -> dict[str, Any]:
+        """What results depend on: the weights (a local folder by its hash, a hub id with its
+        revision), the chat template, dtype, quantization, max_model_len and the fallback
+        seed. Scheduling and memory knobs (block size, prefix caching, max_num_seqs, eager
+        mode, GPU memory share, tensor parallelism) are left out: samples are seeded per
+        request."""
+        import hashlib
+
+        mc = self.llm.llm_engine.model_config
+        src = model_source(getattr(mc, "model", None))
+        if "model" in src:
+            src["revision"] = getattr(mc, "revision", None)
+        template = str(getattr(self.tokenizer, "chat_template", "") or "")
+        return {
+            "backend": "vllm",
+            **src,
+            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+            "dtype": str(getattr(mc, "dtype", "")),
+            "quantization": getattr(mc, "quantization", None),
+            "max_model_len": self.n_ctx,
+            "seed": self._seed,
+        }
 
     def close(self) -> None:
         """Shut the engine's worker processes down now rather than at interpreter exit."""
