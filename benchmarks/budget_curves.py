@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import sys
 import time
@@ -42,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._results import write_section  # noqa: E402
 from mcts.config import SearchConfig  # noqa: E402
 from mcts.search import search  # noqa: E402
+from mcts.stats import mcnemar_p, wilson  # noqa: E402
 
 # What is run. best_of_n runs once with prm_max (every step scored) and the four sampling
 # methods below are read off its `picks`: the samples depend only on (seed, problem, sample
@@ -68,32 +68,10 @@ METHODS = {
 OUT = ROOT / "benchmarks" / "out"
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return float("nan"), float("nan")
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, c - h), min(1.0, c + h)
-
-
 ENGINE = 2
 """Bumped when the search's semantics change (2: issue 12 — terminals take no selection
 slot, fair budget shares, votes on answer classes, search-and-learn beams), so rows of an
 older engine in the log are not mixed with new ones."""
-
-
-def mcnemar_p(a: list[bool], b: list[bool]) -> float:
-    """Exact two-sided McNemar test on paired outcomes (binomial on the discordant pairs)."""
-    n01 = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
-    n10 = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
-    n = n01 + n10
-    if n == 0:
-        return 1.0
-    k = min(n01, n10)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return min(1.0, 2 * tail)
 
 
 def settings(args: argparse.Namespace) -> dict:

@@ -15,7 +15,16 @@ from mcts.types import Generator, Reward
 
 __all__ = ["make_reward", "REWARD_NAMES"]
 
-REWARD_NAMES = ("verifier", "judge", "rollout", "prm_shepherd", "prm_classifier", "mix", "switch")
+REWARD_NAMES = (
+    "verifier",
+    "judge",
+    "rollout",
+    "learned",
+    "prm_shepherd",
+    "prm_classifier",
+    "mix",
+    "switch",
+)
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
@@ -84,6 +93,12 @@ def make_reward(cfg: Any, generator: Generator | None = None) -> Reward:
 
             cls = MCRollout
         return _checked(cls, c, name, generator)
+    if name == "learned":
+        from rewards.learned import LearnedValue
+
+        if generator is None:
+            raise ValueError("reward 'learned' needs the policy generator (its hidden states)")
+        return _checked(LearnedValue, c, name, generator)
     if name in ("prm_shepherd", "prm_classifier"):
         from rewards.prm import ClassifierPRM, MathShepherdPRM
 

@@ -125,3 +125,67 @@ class FakePRM:
 
 def problems(n: int) -> list[Problem]:
     return [Problem(id=f"p{i}", question=f"Planted problem {i}?", answer=RIGHT) for i in range(n)]
+
+
+class FeatureFakeGenerator(FakeGenerator):
+    """FakeGenerator that also returns a hidden state per step, as llama.cpp does.
+
+    The state encodes what a model could know: the last word, the depth, and whether the path
+    so far is the planted one (so a value head can learn which steps lead to the answer).
+    """
+
+    DIM = 8
+
+    def __init__(self, fail_on_call: int | None = None, sha: str = "fake-model-1") -> None:
+        super().__init__(fail_on_call)
+        self.features_on = False
+        self.sha = sha
+
+    def enable_features(self) -> None:
+        self.features_on = True
+
+    def feature_identity(self) -> dict:
+        return {
+            "backend": "fake",
+            "model_sha256": self.sha,
+            "layer": "planted",
+            "pooling": "last",
+            "dim": self.DIM,
+        }
+
+    @classmethod
+    def state(cls, path: Sequence[str]) -> np.ndarray:
+        v = np.zeros(cls.DIM, dtype=np.float32)
+        last = path[-1] if path else ""
+        if last in WORDS:
+            v[WORDS.index(last)] = 1.0
+        v[4] = len(path) / 3.0
+        v[5] = float(tuple(path[:2]) == PLANTED[: min(2, len(path))])
+        v[6] = float(f"The answer is {RIGHT}." in path)
+        v[7] = 1.0
+        return v
+
+    def generate(self, requests):
+        out = super().generate(requests)
+        if not self.features_on:
+            return out
+        done = []
+        for r, g in zip(requests, out, strict=True):
+            base = [s for s in r.prefix.split(r.stop) if s]
+            steps = []
+            for s in g.steps:
+                pieces = s.text.split(r.stop)
+                rows = [self.state(base + pieces[: i + 1]) for i in range(len(pieces))]
+                steps.append(
+                    Step(
+                        s.text,
+                        s.token_ids,
+                        s.logprob,
+                        s.token_logprobs,
+                        s.finish,
+                        s.count,
+                        features=np.stack(rows),
+                    )
+                )
+            done.append(Generation(steps, g.usage))
+        return done

@@ -1,0 +1,262 @@
+"""The self-improvement loop (ReST-MCTS* / rStar-Math style), one resumable stage at a time.
+
+    splits        TRAIN and EVAL from disjoint seeds (splits.json)
+    round r:
+      train       search TRAIN with reward_r (r=0: the configured reward, e.g. the judge;
+                  r>0: the value head of round r-1), features on     round{r}/train/
+      labels      value targets of verified terminals + the policy's hidden states
+                  (the reference is used here, for TRAIN labels only)  round{r}/labels.npz
+      value       train the head, held-out TRAIN problems for early stopping and the
+                  figures of its own quality                          round{r}/value.pt
+      eval        search EVAL with the new head (references hidden from the search: rewards
+                  never see them; correctness is scored after) at every budget; round 0 also
+                  runs the configured reward there as the baseline   eval/<reward>/<run>-<budget>/
+    report        accuracy + 95% CI, McNemar vs self-consistency and vs the baseline reward,
+                  pass@k, tokens                                      report.json / .md / .png
+
+Every stage resumes after a kill: searches through their results.jsonl (and refuse a run
+dir made with other settings), labels/value are written atomically and reused when their
+inputs are unchanged (the value head records the fingerprint of the labels it was fit on).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mcts.config import SearchConfig
+from mcts.export.io import atomic_write_text
+from mcts.improve.labels import LabelSet, label_rows
+from mcts.improve.splits import Splits, check_disjoint, make_splits
+from mcts.types import Generator, Reward
+from rewards.value_model import ValueHead, ValueHeadConfig, data_fingerprint, train_value_head
+
+log = logging.getLogger("mcts.improve")
+
+# Evaluation runs; best_of_n (prm_max: every step scored) also yields orm_max, weighted_vote
+# and vote (= self-consistency) picks from the same samples, so SC costs no extra run.
+EVAL_RUNS = ("mcts", "rest_mcts", "best_of_n")
+METHODS = {  # reported method -> (run, pick in the run's `picks`, None = its own answer)
+    "mcts": ("mcts", None),
+    "rest_mcts": ("rest_mcts", None),
+    "bon_orm": ("best_of_n", "orm_max"),
+    "bon_prm": ("best_of_n", "prm_max"),
+    "weighted_vote": ("best_of_n", "weighted_vote"),
+    "self_consistency": ("best_of_n", "vote"),
+}
+
+
+@dataclass
+class ImproveConfig:
+    """What the loop does; the searches' own settings come from the search config."""
+
+    rounds: int = 1
+    train_size: int = 200
+    eval_size: int = 300
+    train_seed: int = 1001
+    eval_seed: int = 2002
+    value_target: str = "mc"  # "mc" | "rest": the labels the head learns
+    min_support: int = 1  # terminal solutions below a node for its label to be used
+    train_budget: int = 256  # generated tokens per TRAIN problem
+    budgets: list[int] = field(default_factory=lambda: [128, 256])
+    eval_runs: list[str] = field(default_factory=lambda: list(EVAL_RUNS))
+    baseline: bool = True  # round 0 also searches EVAL with the configured reward
+    head: ValueHeadConfig = field(default_factory=ValueHeadConfig)
+
+    def validate(self) -> None:
+        def bad(name: str, msg: str) -> ValueError:
+            return ValueError(f"improve.{name}: {msg}")
+
+        if self.value_target not in ("mc", "rest"):
+            raise bad("value_target", f"choose 'mc' or 'rest', got {self.value_target!r}")
+        if self.rounds < 1:
+            raise bad("rounds", f"must be >= 1, got {self.rounds}")
+        if not self.budgets or any(b < 1 for b in self.budgets):
+            raise bad(
+                "budgets", f"must be a non-empty list of positive token budgets: {self.budgets}"
+            )
+        unknown = sorted(set(self.eval_runs) - set(EVAL_RUNS))
+        if unknown:
+            raise bad("eval_runs", f"unknown {unknown}; choose from {list(EVAL_RUNS)}")
+        self.head.validate()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+def run_improve(
+    cfg: ImproveConfig,
+    search_cfg: SearchConfig,
+    generator: Generator,
+    reward0: Reward,
+    out_dir: str | Path,
+    *,
+    task: Any = None,
+    splits: Splits | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run (or resume) every stage; returns the report (also written to out_dir).
+
+    TRAIN and EVAL come from `task` (a reasoning-gym task, drawn with improve.train_seed and
+    improve.eval_seed) or are given as `splits` (your own files); either way they are
+    checked disjoint by id and by question text.
+    """
+    from mcts.search import search
+    from rewards.learned import LearnedValue
+
+    cfg.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    enable = getattr(generator, "enable_features", None)
+    if not callable(enable):
+        raise ValueError(
+            f"improve trains on the policy's hidden states; generator {type(generator).__name__}"
+            " does not return them (use generator=llama_cpp)"
+        )
+    enable()
+    if splits is None:
+        if task is None:
+            raise ValueError("run_improve needs a task (reasoning-gym) or explicit splits")
+        splits = make_splits(
+            task,
+            train_size=cfg.train_size,
+            eval_size=cfg.eval_size,
+            train_seed=cfg.train_seed,
+            eval_seed=cfg.eval_seed,
+        )
+        task_of: dict[str, Any] = {
+            "train": {**_task_dict(task), "seed": cfg.train_seed, "size": cfg.train_size},
+            "eval": {**_task_dict(task), "seed": cfg.eval_seed, "size": cfg.eval_size},
+        }
+    else:
+        check_disjoint(splits)
+        task_of = {"train": None, "eval": None}
+    _write_json(out / "splits.json", {**asdict(cfg), **splits.describe()})
+    reward, tag = reward0, _tag(reward0)
+    for r in range(cfg.rounds):
+        rd = out / f"round{r}"
+        train_cfg = replace(
+            search_cfg,
+            token_budget=cfg.train_budget,
+            value_target=cfg.value_target,
+            hide_references=False,
+        )
+        log.info("round %d: searching %d TRAIN problems (%s)", r, len(splits.train), tag)
+        search(
+            splits.train,
+            generator,
+            reward,
+            train_cfg,
+            rd / "train",
+            progress,
+            task_config=task_of["train"],
+        )
+        labels = _labels(rd, train_cfg.algorithm, cfg.min_support)
+        head_path = _value(rd, labels, cfg.head, generator)
+        if r == 0 and cfg.baseline:
+            _evaluate(
+                out, splits.eval, generator, reward, tag, search_cfg, cfg, progress, task_of["eval"]
+            )
+        reward = LearnedValue(generator, str(head_path))
+        tag = f"learned_r{r}"
+        _evaluate(
+            out, splits.eval, generator, reward, tag, search_cfg, cfg, progress, task_of["eval"]
+        )
+    from mcts.improve.report import write_report
+
+    return write_report(out, splits.eval, cfg)
+
+
+def _task_dict(task: Any) -> dict[str, Any]:
+    from mcts.tasks.config import as_task_config
+
+    t = as_task_config(task)
+    return {**t.__dict__, "params": dict(t.params)}
+
+
+def _tag(reward: Reward) -> str:
+    return str(getattr(reward, "name", type(reward).__name__))
+
+
+def _labels(rd: Path, algorithm: str, min_support: int) -> LabelSet:
+    """Rebuilt from the TRAIN run every time (cheap, and always what the run holds)."""
+    labels = label_rows(rd / "train", algorithm, min_support=min_support)
+    labels.save(rd / "labels.npz")
+    log.info("labels: %s", {k: labels.meta[k] for k in ("rows", "problems", "positive_rate")})
+    return labels
+
+
+def _value(rd: Path, labels: LabelSet, head_cfg: ValueHeadConfig, generator: Any) -> Path:
+    """Train the head unless value.pt was already fit on exactly these labels."""
+    path = rd / "value.pt"
+    fp = data_fingerprint(labels.X, labels.y, labels.groups, weights=labels.weights)
+    if path.exists():
+        try:
+            old = ValueHead.load(path)
+            if old.data_fingerprint == fp:
+                log.info("value head %s is up to date", path)
+                return path
+        except ValueError:
+            pass  # corrupt or foreign: retrain over it
+    if labels.y.size == 0:
+        raise ValueError(
+            f"{rd / 'labels.npz'}: no training rows ({labels.meta}); search more TRAIN "
+            "problems or lower improve.min_support"
+        )
+    try:
+        head, metrics = train_value_head(
+            labels.X, labels.y, groups=labels.groups, weights=labels.weights, cfg=head_cfg
+        )
+    except ValueError as exc:  # e.g. one label only, too few rows: name the data
+        raise ValueError(f"{rd / 'labels.npz'}: {exc}") from exc
+    head.save(
+        path,
+        feature_identity=generator.feature_identity(),
+        data_fingerprint=fp,
+        meta={"labels": labels.meta},
+    )
+    _write_json(rd / "value_metrics.json", metrics)
+    log.info("value head: val AUC %.3f, ECE %.3f", metrics["auc"], metrics["ece"])
+    return path
+
+
+def _evaluate(
+    out: Path,
+    problems: list,
+    generator: Generator,
+    reward: Reward,
+    tag: str,
+    search_cfg: SearchConfig,
+    cfg: ImproveConfig,
+    progress: bool,
+    task_config: dict[str, Any],
+) -> None:
+    from mcts.search import search
+
+    for budget in cfg.budgets:
+        for run in cfg.eval_runs:
+            extra: dict[str, Any] = {"algorithm": run}
+            if run == "best_of_n":
+                extra["bon_aggregation"] = "prm_max"
+            ecfg = replace(
+                search_cfg,
+                token_budget=budget,
+                solution_max_tokens=min(search_cfg.solution_max_tokens, budget),
+                hide_references=True,
+                value_target="auto",
+                **extra,
+            )
+            log.info("eval %s %s budget %d", tag, run, budget)
+            search(
+                problems,
+                generator,
+                reward,
+                ecfg,
+                out / "eval" / tag / f"{run}-{budget}",
+                progress,
+                task_config=task_config,
+            )

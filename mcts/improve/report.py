@@ -1,0 +1,201 @@
+"""The loop's verdict: EVAL accuracy of every method per reward and budget, paired tests.
+
+Read only from the EVAL run directories (results.jsonl), in EVAL problem order, so every
+comparison is paired on the same problems: each method against self-consistency at the same
+budget (the plain-voting bar), and each learned-reward method against the same method under
+the baseline reward (did learning pay?). Accuracy is the ONE selected answer's, with a 95%
+Wilson interval; pass@k is beside it and never instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from mcts.export.io import atomic_write_text
+from mcts.export.results_log import ResultsLog
+from mcts.stats import discordant, mcnemar_p, wilson
+from mcts.types import Problem
+
+
+def _rows(run_dir: Path, algorithm: str) -> dict[str, dict[str, Any]]:
+    if not (run_dir / "results.jsonl").exists():
+        return {}
+    return {str(r["id"]): r for r in ResultsLog(run_dir).rows() if r["algorithm"] == algorithm}
+
+
+def collect(out: Path, eval_problems: list[Problem], budgets: list[int]) -> list[dict[str, Any]]:
+    """One record per (reward tag, method, budget) with its per-problem outcomes."""
+    from mcts.improve.loop import METHODS
+
+    ids = [p.id for p in eval_problems]
+    recs = []
+    eval_dir = out / "eval"
+    tags = sorted(p.name for p in eval_dir.iterdir() if p.is_dir()) if eval_dir.exists() else []
+    for tag in tags:
+        for budget in budgets:
+            for method, (run, pick) in METHODS.items():
+                rows = _rows(eval_dir / tag / f"{run}-{budget}", run)
+                if not rows:
+                    continue
+                done = [i for i in ids if i in rows]
+                if pick is None:
+                    ok = [bool(rows[i]["correct"]) for i in done]
+                else:
+                    ok = [bool(rows[i].get("picks", {}).get(pick, {}).get("correct")) for i in done]
+                n = len(ok)
+
+                def mean(key: str, rows=rows, done=done, n=n) -> float:
+                    return sum(float(rows[i].get(key) or 0) for i in done) / n if n else math.nan
+
+                lo, hi = wilson(sum(ok), n)
+                recs.append(
+                    {
+                        "reward": tag,
+                        "method": method,
+                        "budget": budget,
+                        "n": n,
+                        "complete": n == len(ids),
+                        "accuracy": sum(ok) / n if n else math.nan,
+                        "ci_low": lo,
+                        "ci_high": hi,
+                        "pass_at_k": mean("pass_at_k"),
+                        "gen_tokens": mean("tokens_generated_tokens"),
+                        "total_tokens": mean("tokens_generated_tokens")
+                        + mean("tokens_reward_tokens")
+                        + mean("tokens_prompt_tokens")
+                        - mean("tokens_cached_prompt_tokens"),
+                        "ids": done,
+                        "ok": ok,
+                    }
+                )
+    return recs
+
+
+def _paired(a: dict[str, Any], b: dict[str, Any] | None) -> dict[str, Any] | None:
+    """McNemar on the problems both finished."""
+    if b is None:
+        return None
+    common = [i for i in a["ids"] if i in set(b["ids"])]
+    ka = dict(zip(a["ids"], a["ok"], strict=True))
+    kb = dict(zip(b["ids"], b["ok"], strict=True))
+    x = [ka[i] for i in common]
+    y = [kb[i] for i in common]
+    wins, losses = discordant(x, y)
+    return {"n": len(common), "wins": wins, "losses": losses, "p": mcnemar_p(x, y)}
+
+
+def write_report(out: Path, eval_problems: list[Problem], cfg: Any) -> dict[str, Any]:
+    """report.json, report.md and report.png in `out`; returns the report."""
+    recs = collect(out, eval_problems, list(cfg.budgets))
+    tags = sorted({r["reward"] for r in recs})
+    baseline = next((t for t in tags if not t.startswith("learned")), None)
+    index = {(r["reward"], r["method"], r["budget"]): r for r in recs}
+    for r in recs:
+        sc = next(
+            (
+                index.get((t, "self_consistency", r["budget"]))
+                for t in tags
+                if (t, "self_consistency", r["budget"]) in index
+            ),
+            None,
+        )
+        r["vs_self_consistency"] = None if r["method"] == "self_consistency" else _paired(r, sc)
+        base = index.get((baseline, r["method"], r["budget"])) if baseline else None
+        r["vs_baseline"] = _paired(r, base) if r["reward"] != baseline else None
+    value = {}
+    for mpath in sorted(out.glob("round*/value_metrics.json")):
+        m = json.loads(mpath.read_text())
+        value[mpath.parent.name] = {
+            k: m.get(k)
+            for k in (
+                "auc",
+                "brier",
+                "ece",
+                "log_loss",
+                "n_train",
+                "n_val",
+                "epochs_run",
+                "calibration",
+            )
+        }
+    report = {
+        "eval_problems": len(eval_problems),
+        "baseline": baseline,
+        "records": recs,
+        "value_model": value,
+    }
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str))
+    atomic_write_text(out / "report.md", to_markdown(report))
+    if recs:
+        _plot(recs, out / "report.png")
+    return report
+
+
+def _fmt_test(t: dict[str, Any] | None) -> str:
+    if not t:
+        return "-"
+    return f"{t['wins']}/{t['losses']} p={t['p']:.3f}"
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"EVAL problems: {report['eval_problems']}; baseline reward: {report['baseline']}. "
+        "Accuracy of the selected answer (95% Wilson CI); paired tests are exact McNemar "
+        "(wins/losses = problems only this method / only the other got right).",
+        "",
+        "| reward | method | budget | n | accuracy (95% CI) | vs self-consistency | "
+        "vs baseline reward | pass@k | gen tok | total tok |",
+        "|---|---|---:|---:|---|---|---|---:|---:|---:|",
+    ]
+    for r in sorted(report["records"], key=lambda r: (r["budget"], r["method"], r["reward"])):
+        lines.append(
+            f"| {r['reward']} | {r['method']} | {r['budget']} | {r['n']}"
+            f"{'' if r['complete'] else ' (partial)'} | {r['accuracy']:.3f} "
+            f"({r['ci_low']:.3f}-{r['ci_high']:.3f}) | {_fmt_test(r['vs_self_consistency'])} | "
+            f"{_fmt_test(r['vs_baseline'])} | {r['pass_at_k']:.3f} | {r['gen_tokens']:.0f} | "
+            f"{r['total_tokens']:.0f} |"
+        )
+    for name, m in report["value_model"].items():
+        lines.append("")
+        lines.append(
+            f"Value model {name} on held-out TRAIN problems: AUC {m.get('auc')}, ECE "
+            f"{m.get('ece')}, Brier {m.get('brier')} (n_train {m.get('n_train')}, n_val "
+            f"{m.get('n_val')}, epochs {m.get('epochs_run')})."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(recs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mcts.export.io import atomic_write
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for key in sorted({(r["reward"], r["method"]) for r in recs}):
+        rs = sorted(
+            (r for r in recs if (r["reward"], r["method"]) == key), key=lambda r: r["budget"]
+        )
+        ax.errorbar(
+            [r["gen_tokens"] for r in rs],
+            [r["accuracy"] for r in rs],
+            yerr=[
+                [r["accuracy"] - r["ci_low"] for r in rs],
+                [r["ci_high"] - r["accuracy"] for r in rs],
+            ],
+            marker="o",
+            capsize=3,
+            label=f"{key[1]} ({key[0]})",
+            alpha=0.85,
+        )
+    ax.set_xlabel("generated tokens per problem (mean, spent)")
+    ax.set_ylabel("EVAL accuracy of the selected answer (95% CI)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)

@@ -1,0 +1,201 @@
+"""The self-improvement loop (mcts.improve) on the planted-path fake world, plus the real
+reasoning-gym splits. Fakes: tests/fakes.py (FeatureFakeGenerator returns hidden states)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from mcts.config import SearchConfig
+from mcts.improve import ImproveConfig, run_improve
+from mcts.improve.labels import LabelSet
+from mcts.improve.splits import SplitError, Splits, make_splits
+from mcts.search import search
+from mcts.types import Problem
+from rewards.base import RewardError
+from rewards.learned import LearnedValue
+from rewards.value_model import ValueHeadConfig
+from tests.fakes import RIGHT, FakePRM, FeatureFakeGenerator
+
+
+def planted(prefix: str, n: int) -> list[Problem]:
+    return [
+        Problem(id=f"{prefix}{i}", question=f"{prefix} problem {i}?", answer=RIGHT)
+        for i in range(n)
+    ]
+
+
+def scfg(**kw) -> SearchConfig:
+    base = dict(
+        token_budget=60,
+        step_max_tokens=4,
+        solution_max_tokens=12,
+        min_step_tokens=2,
+        max_depth=3,
+        n_children=4,
+        samples_per_wave=4,
+        n_beams=4,
+        beam_width=2,
+    )
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+def icfg(**kw) -> ImproveConfig:
+    base = dict(
+        train_size=16,
+        eval_size=8,
+        train_budget=60,
+        budgets=[40],
+        eval_runs=["mcts", "best_of_n"],
+        head=ValueHeadConfig(epochs=60, patience=20, val_fraction=0.25),
+    )
+    base.update(kw)
+    return ImproveConfig(**base)
+
+
+class SpyPRM(FakePRM):
+    """FakePRM that records what every scored item let it see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, str | None, str | None]] = []
+
+    def score(self, items):
+        for it in items:
+            pid = it.problem.id if it.problem is not None else ""
+            self.seen.append((pid, it.reference, it.problem.answer if it.problem else None))
+        return super().score(items)
+
+
+SPLITS = Splits(train=planted("train", 16), eval=planted("eval", 8), dropped_from_train=0)
+
+
+def test_loop_trains_on_the_search_targets_and_reports_paired(tmp_path):
+    prm = SpyPRM()
+    report = run_improve(icfg(), scfg(), FeatureFakeGenerator(), prm, tmp_path, splits=SPLITS)
+    rd = tmp_path / "round0"
+    assert (rd / "value.pt").exists()
+    # The labels are exactly the value targets the TRAIN trees export in traces.parquet.
+    labels = LabelSet.load(rd / "labels.npz")
+    assert labels.y.size > 20 and labels.meta["label_source"] == "reference"
+    traces = pq.read_table(rd / "train" / "traces.parquet").to_pylist()
+    exported = {
+        (t["problem_id"], n): v
+        for t in traces
+        for n, v in zip(t["node_ids"], t["value_target"], strict=True)
+    }
+    for pid, node, y in zip(labels.groups, labels.nodes, labels.y, strict=True):
+        if (str(pid), int(node)) in exported:
+            assert exported[(str(pid), int(node))] == pytest.approx(y)
+    # Rewards never saw an EVAL reference; TRAIN searches did get theirs (labels need them).
+    eval_seen = [s for s in prm.seen if s[0].startswith("eval")]
+    assert eval_seen and all(ref is None and ans is None for _, ref, ans in eval_seen)
+    # Every method under both rewards, with paired tests against self-consistency.
+    got = {(r["reward"], r["method"]) for r in report["records"]}
+    methods = ("mcts", "bon_orm", "bon_prm", "weighted_vote", "self_consistency")
+    assert got == {(tag, m) for tag in ("SpyPRM", "learned_r0") for m in methods}
+    learned = [r for r in report["records"] if r["reward"] == "learned_r0"]
+    assert learned and all(r["n"] == 8 and r["complete"] for r in learned)
+    mcts = next(r for r in learned if r["method"] == "mcts")
+    assert mcts["vs_self_consistency"]["n"] == 8
+    assert mcts["vs_baseline"] is not None  # vs the same method under the round-0 reward
+    assert report["value_model"]["round0"]["auc"] is not None
+    md = (tmp_path / "report.md").read_text()
+    assert "learned_r0" in md and "self_consistency" in md
+    assert (tmp_path / "report.png").stat().st_size > 1000
+
+
+def test_loop_resumes_each_stage_without_redoing_work(tmp_path):
+    # Killed mid-TRAIN search (the generator dies on its 4th call).
+    with pytest.raises(Exception, match="backend died"):
+        run_improve(
+            icfg(),
+            scfg(),
+            FeatureFakeGenerator(fail_on_call=4),
+            FakePRM(),
+            tmp_path,
+            splits=SPLITS,
+        )
+    train_log = tmp_path / "round0" / "train" / "results.jsonl"
+    before = train_log.read_text().splitlines() if train_log.exists() else []
+    gen = FeatureFakeGenerator()
+    run_improve(icfg(), scfg(), gen, FakePRM(), tmp_path, splits=SPLITS)
+    after = train_log.read_text().splitlines()
+    assert after[: len(before)] == before  # finished problems kept, not redone
+    ids = [json.loads(x)["id"] for x in after]
+    assert len(ids) == len(set(ids)) == 16
+    head = tmp_path / "round0" / "value.pt"
+    stamp = os.stat(head).st_mtime_ns
+    # Everything done: a rerun searches nothing and does not retrain the head.
+    gen2 = FeatureFakeGenerator()
+    run_improve(icfg(), scfg(), gen2, FakePRM(), tmp_path, splits=SPLITS)
+    assert gen2.calls == 0
+    assert os.stat(head).st_mtime_ns == stamp
+
+
+def test_learned_reward_checks_model_identity_and_features(tmp_path):
+    run_improve(
+        icfg(baseline=False), scfg(), FeatureFakeGenerator(), FakePRM(), tmp_path, splits=SPLITS
+    )
+    head = tmp_path / "round0" / "value.pt"
+    with pytest.raises(ValueError, match="model_sha256"):
+        LearnedValue(FeatureFakeGenerator(sha="another-model"), str(head))
+    reward = LearnedValue(FeatureFakeGenerator(), str(head))
+    from mcts.types import ScoreItem
+
+    with pytest.raises(RewardError, match="no features"):
+        reward.score([ScoreItem("q?", ("beta",))])
+    good = ScoreItem("q?", ("beta", "beta"), features=FeatureFakeGenerator.state(["beta", "beta"]))
+    bad = ScoreItem(
+        "q?", ("delta", "alpha"), features=FeatureFakeGenerator.state(["delta", "alpha"])
+    )
+    s = reward.score([good, bad])
+    assert s.shape == (2,) and s[0] > s[1]  # it learned which steps lead to the answer
+    assert reward.last_tokens.tolist() == [0, 0]  # no model tokens to score
+    with pytest.raises(ValueError, match="path"):
+        LearnedValue(FeatureFakeGenerator(), "")
+    with pytest.raises(ValueError):
+        LearnedValue(FeatureFakeGenerator(), str(tmp_path / "missing.pt"))
+
+
+def test_hide_references_refuses_an_oracle_reward():
+    from rewards.verifier import OutcomeVerifier
+
+    with pytest.raises(ValueError, match="hide_references"):
+        search(
+            planted("e", 2), FeatureFakeGenerator(), OutcomeVerifier(), scfg(hide_references=True)
+        )
+
+
+def test_splits_are_disjoint_and_checked():
+    task = {
+        "name": "basic_arithmetic",
+        "params": {"min_terms": 2, "max_terms": 2, "max_digits": 1, "operators": ["+"]},
+    }
+    s = make_splits(task, train_size=60, eval_size=60, train_seed=1, eval_seed=2)
+    assert not {p.question for p in s.train} & {p.question for p in s.eval}
+    assert s.dropped_from_train > 0  # this tiny task space repeats questions across seeds
+    assert len(s.train) == 60 - s.dropped_from_train
+    with pytest.raises(SplitError, match="train_seed"):
+        make_splits(task, train_size=5, eval_size=5, train_seed=3, eval_seed=3)
+    overlap = Splits(train=planted("a", 3), eval=planted("a", 2), dropped_from_train=0)
+    with pytest.raises(SplitError, match="share"):
+        run_improve(icfg(), scfg(), FeatureFakeGenerator(), FakePRM(), "/tmp/never", splits=overlap)
+
+
+def test_one_label_only_is_a_clear_error(tmp_path):
+    # Every problem's reference is unreachable: all targets 0, nothing to learn.
+    hopeless = Splits(
+        train=[Problem(id=f"t{i}", question=f"t{i}?", answer="-1") for i in range(16)],
+        eval=planted("eval", 4),
+        dropped_from_train=0,
+    )
+    with pytest.raises(ValueError, match=r"labels\.npz.*one label"):
+        run_improve(icfg(), scfg(), FeatureFakeGenerator(), FakePRM(), tmp_path, splits=hopeless)
+    assert (tmp_path / "round0" / "train" / "results.jsonl").exists()  # the search is kept
+    assert np.load(tmp_path / "round0" / "labels.npz")["y"].max() == 0.0
