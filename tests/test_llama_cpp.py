@@ -97,7 +97,7 @@ def test_logprobs_match_a_fresh_evaluation(gen: LlamaCppGenerator) -> None:
     gen.llm.reset()  # evaluate from scratch, token by token, and compare
     want = []
     for k, tok in enumerate(step.token_ids):
-        logits, _ = gen._eval_prompt(prompt + list(step.token_ids[:k]))
+        logits = gen._eval_prompt(prompt + list(step.token_ids[:k]))[0]
         want.append(float(log_softmax(logits)[tok]))
     np.testing.assert_allclose(step.token_logprobs, want, atol=1e-3)
 
@@ -233,3 +233,107 @@ def test_batched_config_errors() -> None:
         LlamaCppGenerator(LlamaCppConfig(n_ctx=512, n_ctx_total=100))
     with pytest.raises(TypeError, match="batched"):
         LlamaCppGenerator(LlamaCppConfig(batched="yes"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="features"):
+        LlamaCppGenerator(LlamaCppConfig(features="yes"))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- step features
+
+
+def _feature_wave() -> list[StepRequest]:
+    m0, m1 = problem_messages(QUESTIONS[0]), problem_messages(QUESTIONS[1])
+    return [
+        StepRequest(m0, n=4, seed=0, max_tokens=24),  # eos and length steps
+        StepRequest(m1, n=1, temperature=0.0, stop=",", max_tokens=24),  # a delimiter step
+        StepRequest(m0, n=2, seed=3, stop=",", max_tokens=24, to_end=True),  # several pieces
+        StepRequest(m1, prefix="Tom starts with 3.\n\n", n=2, seed=13, max_tokens=16),
+    ]
+
+
+@pytest.fixture(scope="module")
+def feat_gen() -> LlamaCppGenerator:
+    return LlamaCppGenerator(LlamaCppConfig(n_ctx=1024, seed=0, n_threads=1, features=True))
+
+
+@pytest.fixture(scope="module")
+def feat_out(feat_gen: LlamaCppGenerator):
+    return feat_gen.generate(_feature_wave())
+
+
+def _samples(gens) -> list:
+    return [[(s.token_ids, s.token_logprobs, s.count, s.finish) for s in g.steps] for g in gens]
+
+
+def test_features_do_not_change_samples(
+    gen: LlamaCppGenerator, seq_gen: LlamaCppGenerator, feat_out, monkeypatch
+) -> None:
+    """Same seeds -> bit-identical samples with features on or off, batched or sequential;
+    both paths capture the same states."""
+    reqs = _feature_wave()
+    off = gen.generate(reqs)
+    assert all(s.features is None for g in off for s in g.steps)
+    assert _samples(off) == _samples(feat_out)
+    monkeypatch.setattr(seq_gen, "features", False)  # restored after the test
+    seq_gen.enable_features()  # at runtime, after the generator was built
+    seq = seq_gen.generate(reqs)
+    assert _samples(seq) == _samples(feat_out)
+    for r, gb, gs in zip(reqs, feat_out, seq, strict=True):
+        for a, b in zip(gb.steps, gs.steps, strict=True):
+            n_pieces = len(a.text.split(r.stop))
+            assert a.features.shape == (n_pieces, 576) and a.features.dtype == np.float32
+            assert r.to_end or n_pieces == 1
+            np.testing.assert_allclose(a.features, b.features, rtol=0, atol=1e-4)
+    assert any(len(s.features) > 1 for s in feat_out[2].steps)  # premise: to_end crossed ","
+
+
+def _chosen_tokens(gen: LlamaCppGenerator, step, stop: str) -> list[int]:
+    """For each feature row, the index of the token its state chose (Step.features)."""
+    n_pieces, ks = len(step.text.split(stop)), []
+    for k in range(step.n_tokens):
+        text = gen.llm.detokenize(list(step.token_ids[: k + 1])).decode("utf-8", "replace")
+        while len(ks) < n_pieces - 1 and text.lstrip().count(stop) > len(ks):
+            ks.append(k)
+    return [*ks, step.n_tokens - 1]
+
+
+def test_features_are_the_state_at_the_last_fed_token(
+    feat_gen: LlamaCppGenerator, feat_out
+) -> None:
+    """Each row equals a fresh forward pass over the prompt + the tokens fed before the token
+    it chose; and features_of(prefix + that text) wherever the text re-tokenizes to the same
+    tokens (a delimiter split across tokens, e.g. '.\\n' + '\\n', can merge differently)."""
+    g, text_checks, literal = feat_gen, 0, 0
+    for r, gen_out in zip(_feature_wave(), feat_out, strict=True):
+        prompt = g.encode(g.render(r.messages, r.prefix))
+        for s in gen_out.steps:
+            for row, k in zip(s.features, _chosen_tokens(g, s, r.stop), strict=True):
+                fed = prompt + list(s.token_ids[:k])
+                np.testing.assert_allclose(row, g._eval_prompt(fed, state=True)[2], atol=1e-4)
+                text = r.prefix + g.llm.detokenize(list(s.token_ids[:k])).decode("utf-8")
+                if g.encode(g.render(r.messages, text)) == fed:
+                    (want,) = g.features_of([(r.messages, text)])
+                    np.testing.assert_allclose(row, want, rtol=0, atol=1e-4)
+                    text_checks += 1
+            if s.finish in ("step", "eos") and not r.to_end:
+                # The documented use: the state of a step = features_of(prefix + step text).
+                (want,) = g.features_of([(r.messages, r.prefix + s.text)])
+                if np.abs(s.features[0] - want).max() <= 1e-4:
+                    literal += 1
+    assert text_checks >= 3 and literal >= 1
+
+
+def test_feature_identity_and_features_of(feat_gen: LlamaCppGenerator) -> None:
+    ident = feat_gen.feature_identity()
+    assert ident == {
+        "backend": "llama_cpp",
+        "model_sha256": feat_gen.identity()["model_sha256"],
+        "layer": "output_norm",
+        "pooling": "last_token_of_step",
+        "dim": 576,
+    }
+    m = problem_messages(QUESTIONS[0])
+    x = feat_gen.features_of([(m, "3 + 4 = 7"), (list(m), "3 + 4"), (m, "3 + 4 = 7")])
+    assert x.shape == (3, 576) and x.dtype == np.float32 and np.isfinite(x).all()
+    assert np.array_equal(x[0], x[2]) and not np.allclose(x[0], x[1])
+    with pytest.raises(TypeError, match=r"texts\[0\]"):
+        feat_gen.features_of([("not messages", "")])

@@ -16,16 +16,27 @@ Either way sampling is our own loop over the raw logits (`sample_token`), each s
 own RNG derived from (request.seed, sample index), so seeds reproduce samples whatever the
 wave order or batch composition (up to float differences between batch shapes, see tests),
 and logprobs are exact log-softmax values.
+
+Step features (`features=True` or `enable_features()`): every Step carries the policy's own
+hidden state at the end of the step (see mcts.types.Step.features and `feature_identity`),
+read from the same llama_decode that produced the logits: the context's embeddings output is
+switched on (pooling NONE) for the decodes whose states are needed. llama.cpp makes EVERY
+entry of a batch an output while embeddings are on (it would run the lm_head over whole prompt
+chunks), so with features on a prompt is evaluated as its first n-1 tokens (embeddings off)
+plus its last token alone (embeddings on); with _UBATCH < 64 that split leaves the logits
+bit-identical (tests: same seeds, same samples, features on or off).
 """
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +48,7 @@ from mcts.generators.base import (
     check_prompt_fits,
     embedded_model_path,
     log_softmax,
+    model_source,
     prefix_order,
     run_wave,
     sample_rng,
@@ -54,9 +66,28 @@ from mcts.types import ContinuationRequest, Generation, Message, Step, StepReque
 _UBATCH = 32
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, cpusets, Slurm), else
+    os.cpu_count(). A CFS quota (docker --cpus, Kubernetes limits) does not show here: set
+    generator.n_threads there."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
 @dataclass
 class LlamaCppConfig:
-    """Hydra config (configs/generator/llama_cpp.yaml). model_path None = the embedded GGUF."""
+    """Hydra config (configs/generator/llama_cpp.yaml). model_path None = the embedded GGUF.
+
+    n_threads None (the default) = `usable_cores()`, one llama.cpp thread per core this process
+    may use: on a quiet 2-core box `mcts.run task.size=8` took 38 s on 2 threads vs 67.5 s on 1,
+    same answers (benchmarks/RESULTS.md). The search's numba kernels do not compete for those
+    cores: they run between model calls, never during one, and both use the same libgomp
+    thread pool (see mcts.kernels, "Threads"). Set it lower where others share the cores:
+    generator.n_threads=1 when another process keeps the machine busy (two threads wait for
+    each other whenever one is descheduled), or cores / jobs for several jobs per machine.
+    """
 
     backend: str = "llama_cpp"
     model_path: str | None = None
@@ -72,6 +103,9 @@ class LlamaCppConfig:
     # KV cells of the batched context, shared by every sequence (held prompts count once,
     # each running sample reserves max_tokens). None = 4 * n_ctx.
     n_ctx_total: int | None = None
+    # Every Step carries `features`: the model's hidden state at the end of each step, from the
+    # decode that sampled it (input of a learned value head; see feature_identity()).
+    features: bool = False
 
 
 class LlamaCppGenerator:
@@ -85,6 +119,8 @@ class LlamaCppGenerator:
                 raise ValueError(f"{name} must be an int >= 16, got {v!r}")
         if not isinstance(cfg.batched, bool):
             raise TypeError(f"batched must be true or false, got {cfg.batched!r}")
+        if not isinstance(cfg.features, bool):
+            raise TypeError(f"features must be true or false, got {cfg.features!r}")
         if isinstance(cfg.n_seq_max, bool) or not isinstance(cfg.n_seq_max, int):
             raise TypeError(f"n_seq_max must be an int, got {cfg.n_seq_max!r}")
         if not 1 <= cfg.n_seq_max <= 128:
@@ -100,7 +136,7 @@ class LlamaCppGenerator:
             )
         if cfg.n_threads is not None and (not isinstance(cfg.n_threads, int) or cfg.n_threads < 1):
             raise ValueError(
-                f"n_threads must be None (all cores) or an int >= 1, got {cfg.n_threads!r}"
+                f"n_threads must be None (usable cores) or an int >= 1, got {cfg.n_threads!r}"
             )
         path = Path(cfg.model_path) if cfg.model_path else embedded_model_path()
         if not path.is_file():
@@ -119,7 +155,7 @@ class LlamaCppGenerator:
         self.cfg = cfg
         self.path = path
         self._lib = llama_cpp
-        n_threads = cfg.n_threads or os.cpu_count() or 1
+        n_threads = cfg.n_threads if cfg.n_threads is not None else usable_cores()
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(path),
@@ -143,6 +179,9 @@ class LlamaCppGenerator:
             ) from exc
         self.n_ctx = self.llm.n_ctx()
         self.n_vocab = self.llm.n_vocab()
+        self.n_embd = self.llm.n_embd()
+        self.features = False
+        self._embd = False  # whether the Llama context's embeddings output is on
         self._multi: _MultiSeq | None = None
         if cfg.batched:
             self._multi = _MultiSeq(
@@ -165,6 +204,106 @@ class LlamaCppGenerator:
             bos_token=self._bos_text,
             eos_token=self._piece(self.llm.token_eos()).decode("utf-8", "replace"),
         )
+        if cfg.features:
+            self.enable_features()
+
+    def identity(self) -> dict[str, Any]:
+        """What results depend on: the GGUF (by SHA-256, cached), n_ctx and the fallback seed.
+
+        Left out: n_threads, verbose and the batching knobs (batched, n_seq_max, n_batch,
+        n_ctx_total): samples are seeded per request and the logits do not depend on batch
+        composition (see the module docstring).
+        """
+        return {
+            "backend": "llama_cpp",
+            **model_source(self.path),
+            "n_ctx": self.cfg.n_ctx,
+            "seed": self.cfg.seed,
+        }
+
+    # ------------------------------------------------------------------ features
+
+    def enable_features(self) -> None:
+        """From now on every returned Step carries `features` (e.g. a value-model reward
+        turns this on after the generator was built). Samples do not change."""
+        ctxs = [self.llm._ctx.ctx] + ([self._multi.ctx.ctx] if self._multi is not None else [])
+        for ctx in ctxs:
+            pooling = self._lib.llama_pooling_type(ctx)
+            if pooling != self._lib.LLAMA_POOLING_TYPE_NONE:  # an embedding model's GGUF
+                raise ValueError(
+                    f"{self.path.name}: step features need per-token hidden states (pooling "
+                    f"none) but this model pools them (llama_pooling_type {pooling})"
+                )
+        self.features = True
+
+    def feature_identity(self) -> dict[str, Any]:
+        """What a value head trained on this generator's Step.features depends on.
+
+        layer "output_norm": llama.cpp's `result_norm` tensor (its embeddings output with pooling
+        NONE), the last transformer layer's output after the model's final RMSNorm (weight
+        `output_norm`), i.e. exactly the vector the lm_head (`output`) multiplies to give the
+        logits. pooling "last_token_of_step": the state at the last token FED before the step
+        ended, whose logits chose the delimiter / EOS / last token. The model path is left out
+        (moving the file changes nothing); its SHA-256 is what counts.
+        """
+        src = model_source(self.path)
+        src.pop("model_path", None)
+        return {
+            "backend": "llama_cpp",
+            **src,
+            "layer": "output_norm",
+            "pooling": "last_token_of_step",
+            "dim": self.n_embd,
+        }
+
+    def features_of(self, texts: Sequence[tuple[Sequence[Message], str]]) -> np.ndarray:
+        """The feature of explicit (messages, prefix) pairs by a forward pass: the hidden state
+        (same layer as Step.features) at the LAST token of render(messages) + prefix.
+
+        prefix = the steps joined by the delimiter WITHOUT a trailing delimiter, so a step's
+        captured feature is features_of((messages, request.prefix + step.text)) whenever that
+        text re-tokenizes to the sampled tokens (a boundary can merge differently). Returns
+        float32 (len(texts), dim); pairs are evaluated in prefix-sorted order reusing the
+        previous pair's KV (the sequential context).
+        """
+        if isinstance(texts, str | bytes) or not isinstance(texts, Sequence):
+            raise TypeError("features_of() takes a sequence of (messages, prefix) pairs")
+        prompts = []
+        for i, pair in enumerate(texts):
+            if not (isinstance(pair, tuple | list) and len(pair) == 2):
+                raise TypeError(f"texts[{i}] must be a (messages, prefix) pair")
+            messages, prefix = pair
+            if not isinstance(prefix, str):
+                raise TypeError(f"texts[{i}][1] (prefix) must be a str")
+            msgs = tuple(messages) if isinstance(messages, list | tuple) else messages
+            if (
+                not isinstance(msgs, tuple)
+                or not msgs
+                or not all(isinstance(m, Message) for m in msgs)
+            ):
+                raise TypeError(f"texts[{i}][0] must be a non-empty sequence of Message")
+            ids = self.encode(self.render(msgs, prefix))
+            check_prompt_fits(i, len(ids), 0, self.n_ctx)
+            prompts.append(ids)
+        out = np.empty((len(prompts), self.n_embd), dtype=np.float32)
+
+        def one(_: int, i: int) -> None:
+            try:
+                out[i] = self._eval_prompt(prompts[i], state=True)[2]
+            except Exception:
+                self.llm.reset()
+                raise
+
+        order = prefix_order(prompts)
+        run_wave(order, one, order)
+        return out
+
+    def _embd_on(self, on: bool) -> None:
+        """Switch the Llama context's embeddings output (every batch entry becomes an output
+        while it is on: keep it off for multi-token prompt evaluation)."""
+        if on != self._embd:
+            self._lib.llama_set_embeddings(self.llm._ctx.ctx, on)
+            self._embd = on
 
     # ------------------------------------------------------------------ tokens
 
@@ -184,10 +323,13 @@ class LlamaCppGenerator:
         add_bos = not (self._bos_text and text.startswith(self._bos_text))
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
-    def _eval_prompt(self, tokens: list[int]) -> tuple[np.ndarray, int]:
+    def _eval_prompt(
+        self, tokens: list[int], state: bool = False
+    ) -> tuple[np.ndarray, int, np.ndarray | None]:
         """Evaluate `tokens`, reusing the common prefix with what the context holds.
 
-        Returns the last position's logits and how many prompt tokens came from the cache.
+        Returns the last position's logits, how many prompt tokens came from the cache and
+        (with `state`) the last position's hidden state.
         """
         llm = self.llm
         held = llm.input_ids[: llm.n_tokens]
@@ -198,8 +340,15 @@ class LlamaCppGenerator:
             lcp = int(diff[0]) if diff.size else n
         lcp = min(lcp, len(tokens) - 1)  # re-evaluate at least one token to get its logits
         llm.n_tokens = lcp
-        llm.eval(tokens[lcp:])
-        return self._last_logits(), lcp
+        self._embd_on(False)
+        if not state:
+            llm.eval(tokens[lcp:])
+            return self._last_logits(), lcp, None
+        if len(tokens) - 1 > lcp:
+            llm.eval(tokens[lcp:-1])
+        self._embd_on(True)
+        llm.eval(tokens[-1:])
+        return self._last_logits(), lcp, self._last_state()
 
     def _last_logits(self) -> np.ndarray:
         ptr = self.llm._ctx.get_logits_ith(-1)
@@ -207,6 +356,9 @@ class LlamaCppGenerator:
             ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (self.n_vocab,)
         )
         return np.array(arr, dtype=np.float32)
+
+    def _last_state(self) -> np.ndarray:
+        return _read_state(self._lib, self.llm._ctx.ctx, -1, self.n_embd)
 
     # ------------------------------------------------------------------ generate
 
@@ -234,26 +386,37 @@ class LlamaCppGenerator:
         return Wave(steps, usages).generations()
 
     def _one(self, req: StepRequest, prompt: list[int]) -> tuple[list[Step], Usage]:
+        feats = self.features
         try:
-            logits0, cached = self._eval_prompt(prompt)
+            logits0, cached, state0 = self._eval_prompt(prompt, state=feats)
             usage = Usage(prompt_tokens=len(prompt), cached_prompt_tokens=cached)
             steps = []
             for j in range(req.n):
                 rng = sample_rng(req.seed, j, self._rng)
                 builder = StepBuilder(req.stop, req.to_end)
+                track = _StepStates(req.stop, req.to_end) if feats else None
                 self.llm.n_tokens = len(prompt)  # restart from the shared prompt KV
-                logits = logits0
+                logits, state = logits0, state0
                 while True:
                     tok, lp = sample_token(logits, req.temperature, req.top_p, rng)
                     if self._is_eog(tok):
                         builder.add_eos(tok, lp)
+                        if track is not None:
+                            track.add(b"", state)
                         break
-                    done = builder.add(tok, lp, self._piece(tok))
+                    piece = self._piece(tok)
+                    done = builder.add(tok, lp, piece)
+                    if track is not None:
+                        track.add(piece, state)
                     if done or len(builder.token_ids) >= req.max_tokens:
                         break
-                    self.llm.eval([tok])
+                    self.llm.eval([tok])  # embeddings stay on after the prompt's last token
                     logits = self._last_logits()
+                    if feats:
+                        state = self._last_state()
                 step = builder.build()
+                if track is not None:
+                    step = track.attach(step, builder.text, state)
                 usage.generated_tokens += step.n_tokens
                 steps.append(step)
             return steps, usage
@@ -286,7 +449,7 @@ class LlamaCppGenerator:
 
         def score(_: int, i: int) -> None:
             try:
-                logits0, cached = self._eval_prompt(prompts[i])
+                logits0, cached, _ = self._eval_prompt(prompts[i])
                 usages[i] = Usage(prompt_tokens=len(prompts[i]), cached_prompt_tokens=cached)
                 for j, cont in enumerate(conts[i]):
                     self.llm.n_tokens = len(prompts[i])
@@ -308,6 +471,72 @@ class LlamaCppGenerator:
         return out, usages
 
 
+# ---------------------------------------------------------------------- step features
+
+
+def _read_state(lib: Any, ctx: Any, k: int, n_embd: int) -> np.ndarray:
+    """A copy of the hidden state of output `k` of the last llama_decode (embeddings on)."""
+    ptr = lib.llama_get_embeddings_ith(ctx, k)
+    if not ptr:
+        raise RuntimeError(f"llama.cpp returned no hidden state for batch entry {k}")
+    arr = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (n_embd,))
+    return np.array(arr, dtype=np.float32)
+
+
+class _StepStates:
+    """The hidden states one sample's Step.features needs (layout: mcts.types.Step).
+
+    `add(piece, state)` is called for every sampled token with the state whose logits chose it.
+    A plain step keeps nothing: its one row is the state that chose its last token. A to_end
+    sample also keeps the state of each token that completed a delimiter, so that `attach` can
+    give one row per piece of `step.text.split(stop)`.
+    """
+
+    __slots__ = ("stop", "to_end", "data", "ends", "marks")
+
+    def __init__(self, stop: str, to_end: bool) -> None:
+        self.stop = stop.encode("utf-8")
+        self.to_end = to_end
+        self.data = bytearray()  # the sample's bytes (to_end only)
+        self.ends: list[int] = []  # byte length after each token (to_end only)
+        self.marks: dict[int, np.ndarray] = {}  # token index -> state, for delimiter tokens
+
+    def add(self, piece: bytes, state: np.ndarray | None) -> None:
+        if not self.to_end:
+            return
+        before = len(self.data)
+        self.data += piece
+        if piece and self.stop in self.data[max(0, before - len(self.stop) + 1) :]:
+            assert state is not None
+            self.marks[len(self.ends)] = state
+        self.ends.append(len(self.data))
+
+    def attach(self, step: Step, text: str, last: np.ndarray | None) -> Step:
+        """`step` with its features; `text` is the sample's whole decoded text (before the
+        strip and cut of finish_step), `last` the state that chose its last token."""
+        assert last is not None
+        rows = []
+        if self.to_end:
+            # Delimiters inside step.text = text.strip(), found left to right without overlap
+            # (str.split's rule), in bytes: a valid UTF-8 string occurs in the bytes exactly
+            # where it occurs in their 'replace'-decoded text.
+            body = text.strip()
+            lead = text[: len(text) - len(text.lstrip())].encode("utf-8")
+            trail = text[len(text.rstrip()) :].encode("utf-8") if body else b""
+            p, end = len(lead), len(self.data) - len(trail)
+            while (i := self.data.find(self.stop, p, end)) >= 0:
+                p = i + len(self.stop)
+                rows.append(self.marks[bisect.bisect_left(self.ends, p)])
+        rows.append(last)
+        feats = np.stack(rows)
+        if len(feats) != len(step.text.split(self.stop.decode("utf-8"))):
+            raise GenerationError(
+                f"internal: {len(feats)} feature rows for "
+                f"{len(step.text.split(self.stop.decode('utf-8')))} pieces of a step"
+            )
+        return replace(step, features=feats)
+
+
 # ---------------------------------------------------------------------- batched decoding
 
 
@@ -321,6 +550,8 @@ class _Sample:
     pos: int  # position of the next token to decode
     start: int  # prompt length (first generated position)
     max_tokens: int
+    state: np.ndarray | None = None  # hidden state of the decode that gave `logits`
+    track: _StepStates | None = None  # features on: what Step.features needs
 
 
 class _MultiSeq:
@@ -369,6 +600,7 @@ class _MultiSeq:
         self._batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
         self._free_batch = llama_cpp.llama_batch_free
         self._holders: OrderedDict[int, list[int]] = OrderedDict()  # id -> prompt, LRU first
+        self._embd = False  # whether this context's embeddings output is on
         self._top = 0  # cells taken since the last clear (all of them, graveyard included)
         self.clears = 0
 
@@ -406,8 +638,12 @@ class _MultiSeq:
 
     # -------------------------------------------------------------- llama_decode
 
-    def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
-        """One llama_decode of (token, position, seq id, want logits) entries."""
+    def _decode(self, items: list[tuple[int, int, int, bool]], embd: bool = False) -> None:
+        """One llama_decode of (token, position, seq id, want logits) entries; `embd`: also
+        output hidden states (llama.cpp then outputs EVERY entry, wanted or not)."""
+        if embd != self._embd:
+            self._lib.llama_set_embeddings(self.ctx.ctx, embd)
+            self._embd = embd
         b = self._batch
         b.n_tokens = len(items)
         for k, (tok, pos, seq, want) in enumerate(items):
@@ -430,8 +666,14 @@ class _MultiSeq:
         )
         return np.array(arr, dtype=np.float32)
 
-    def _eval_prompt(self, prompt: list[int]) -> tuple[int, np.ndarray, int]:
-        """Hold `prompt` in a holder id, from the longest held prefix; (id, logits, cached)."""
+    def _state(self, k: int) -> np.ndarray:
+        return _read_state(self._lib, self.ctx.ctx, k, self.gen.n_embd)
+
+    def _eval_prompt(
+        self, prompt: list[int], state: bool = False
+    ) -> tuple[int, np.ndarray, int, np.ndarray | None]:
+        """Hold `prompt` in a holder id, from the longest held prefix; (id, logits, cached,
+        the last token's hidden state if `state`)."""
         ids = [h for h in range(self.n_seq, self.grave) if h not in self._holders]
         if not ids:  # every holder id taken: retire the least useful one
             src, _ = self._best_holder(prompt)
@@ -445,10 +687,16 @@ class _MultiSeq:
             self._holders.move_to_end(src)
         self._holders[h] = list(prompt)
         rest = list(enumerate(prompt))[lcp:]
+        if state:  # the last token alone, with embeddings on (see the module docstring)
+            for c in range(0, len(rest) - 1, self.n_batch):
+                chunk = rest[c : min(c + self.n_batch, len(rest) - 1)]
+                self._decode([(tok, pos, h, False) for pos, tok in chunk])
+            self._decode([(prompt[-1], len(prompt) - 1, h, True)], True)
+            return h, self._logits(0), lcp, self._state(0)
         for c in range(0, len(rest), self.n_batch):
             chunk = rest[c : c + self.n_batch]
             self._decode([(tok, pos, h, pos == len(prompt) - 1) for pos, tok in chunk])
-        return h, self._logits((len(rest) - 1) % self.n_batch), lcp
+        return h, self._logits((len(rest) - 1) % self.n_batch), lcp, None
 
     # -------------------------------------------------------------- the wave
 
@@ -481,12 +729,14 @@ class _MultiSeq:
         blame: list[int],
     ) -> tuple[list[list[Step]], list[Usage]]:
         gen = self.gen
+        feats = gen.features
         steps: list[list[Step | None]] = [[None] * r.n for r in requests]
         usages = [Usage(prompt_tokens=len(p)) for p in prompts]
         queue = list(reversed(order))  # pop() serves prefix-sorted order
         free = list(range(self.n_seq - 1, -1, -1))
         active: dict[int, _Sample] = {}
-        cur: tuple[int, int, np.ndarray] | None = None  # (request, holder id, prompt logits)
+        # (request, holder id, prompt logits, prompt's last hidden state if features are on)
+        cur: tuple[int, int, np.ndarray, np.ndarray | None] | None = None
         next_j = 0
         while queue or cur is not None or active:
             # Cells the running samples may still take.
@@ -505,19 +755,19 @@ class _MultiSeq:
                         if self._top:
                             self.reset()
                     queue.pop()
-                    h, logits0, cached = self._eval_prompt(prompt)
+                    h, logits0, cached, state0 = self._eval_prompt(prompt, feats)
                     usages[i].cached_prompt_tokens = cached
-                    cur, next_j = (i, h, logits0), 0
-                i, h, logits0 = cur
+                    cur, next_j = (i, h, logits0, state0), 0
+                i, h, logits0, state0 = cur
                 r, prompt = requests[i], prompts[i]
                 if self._top + reserved + r.max_tokens > self.n_cells:
                     # Only a request whose n samples outgrow the whole cache gets here.
                     if active:
                         break
                     self.reset()
-                    h, logits0, _ = self._eval_prompt(prompt)
+                    h, logits0, _, state0 = self._eval_prompt(prompt, feats)
                     usages[i].prompt_tokens += len(prompt)  # evaluated again: paid again
-                    cur = (i, h, logits0)
+                    cur = (i, h, logits0, state0)
                 slot = free.pop()
                 self._lib.llama_memory_seq_cp(self.mem, h, slot, 0, len(prompt))
                 active[slot] = _Sample(
@@ -529,6 +779,8 @@ class _MultiSeq:
                     pos=len(prompt),
                     start=len(prompt),
                     max_tokens=r.max_tokens,
+                    state=state0,
+                    track=_StepStates(r.stop, r.to_end) if feats else None,
                 )
                 reserved += r.max_tokens
                 next_j += 1
@@ -545,12 +797,19 @@ class _MultiSeq:
                 tok, lp = sample_token(s.logits, r.temperature, r.top_p, s.rng)
                 if gen._is_eog(tok):
                     s.builder.add_eos(tok, lp)
+                    if s.track is not None:
+                        s.track.add(b"", s.state)
                     done = True
                 else:
-                    done = s.builder.add(tok, lp, gen._piece(tok))
+                    piece = gen._piece(tok)
+                    done = s.builder.add(tok, lp, piece)
+                    if s.track is not None:
+                        s.track.add(piece, s.state)
                     done = done or len(s.builder.token_ids) >= r.max_tokens
                 if done:
                     step = s.builder.build()
+                    if s.track is not None:
+                        step = s.track.attach(step, s.builder.text, s.state)
                     steps[s.request][s.index] = step
                     usages[s.request].generated_tokens += step.n_tokens
                     del active[slot]
@@ -560,9 +819,11 @@ class _MultiSeq:
                     items.append((tok, s.pos, slot, True))
             if items:
                 blame[:] = [active[slot].request for _, _, slot, _ in items]
-                self._decode(items)
+                self._decode(items, feats)  # every entry wants logits: no extra outputs
                 for k, (_, _, slot, _) in enumerate(items):
                     active[slot].logits = self._logits(k)
+                    if feats:
+                        active[slot].state = self._state(k)
                     active[slot].pos += 1
         out: list[list[Step]] = []
         for i, row in enumerate(steps):

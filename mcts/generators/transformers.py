@@ -5,13 +5,19 @@ left padding, explicit position ids) so every sample draws from its own RNG deri
 (request.seed, sample index): a seeded request reproduces its samples whatever else is in the
 wave (up to float reassociation of differently padded batches). There is no prefix cache:
 `cached_prompt_tokens` is always 0.
+
+Step features (`TransformersGenerator(..., features=True)` or `enable_features()`): every Step carries the hidden state the
+lm_head read at the end of the step (the model's final-norm output; see mcts.types.Step and
+`feature_identity`), taken by a forward pre-hook on the output embedding during the same
+forward passes that give the logits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,7 @@ from mcts.generators.base import (
     continuation_sequences,
     log_softmax,
     messages_as_dicts,
+    model_source,
     run_wave,
     sample_rng,
     sample_token,
@@ -73,7 +80,12 @@ class _Row:
     temperature: float
     top_p: float
     max_tokens: int
+    stop: str = "\n\n"
     done: bool = False
+    # Features on: the hidden state whose logits chose the last sampled token, and (to_end)
+    # the states that chose each token completing a delimiter (Step.features rows).
+    state: Any = None
+    delims: list[Any] = field(default_factory=list)
 
 
 class TransformersGenerator:
@@ -87,6 +99,7 @@ class TransformersGenerator:
         n_ctx: int | None = None,
         batch_size: int = 32,
         seed: int = 0,
+        features: bool = False,
     ) -> None:
         import torch
 
@@ -103,6 +116,8 @@ class TransformersGenerator:
         self.n_ctx = int(n_ctx or getattr(model.config, "max_position_embeddings", 2048))
         self.device = next(model.parameters()).device
         self._rng = np.random.default_rng(seed)
+        self._seed = seed  # for identity()
+        self.features = bool(features)
         self._torch = torch
         # transformers 5.x renamed `past_key_values` to `cache`; accept both.
         params = inspect.signature(model.forward).parameters
@@ -140,7 +155,91 @@ class TransformersGenerator:
             kw["gguf_file"] = gguf_file
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or model_dir, **kw)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kw).to(cfg.device)
-        return cls(model, tokenizer, n_ctx=cfg.n_ctx, batch_size=cfg.batch_size, seed=cfg.seed)
+        gen = cls(model, tokenizer, n_ctx=cfg.n_ctx, batch_size=cfg.batch_size, seed=cfg.seed)
+        gen._weights = str(Path(model_dir) / gguf_file) if gguf_file else str(model_dir)
+        return gen
+
+    def identity(self) -> dict[str, Any]:
+        """What results depend on: the weights (hashed when local), the chat template,
+        dtype, device type, n_ctx and the fallback seed. batch_size is left out (samples are
+        seeded per request)."""
+        import hashlib
+
+        # `or None`: a model built in memory has name_or_path "" (which would hash the cwd).
+        weights = (
+            getattr(self, "_weights", None) or getattr(self.model, "name_or_path", None) or None
+        )
+        template = str(getattr(self.tokenizer, "chat_template", "") or "")
+        return {
+            "backend": "transformers",
+            **model_source(weights),
+            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+            "dtype": str(getattr(self.model, "dtype", "")),
+            "device": self.device.type,
+            "n_ctx": self.n_ctx,
+            "seed": getattr(self, "_seed", None),
+        }
+
+    # ------------------------------------------------------------------ features
+
+    def enable_features(self) -> None:
+        """From now on every returned Step carries `features`; samples do not change."""
+        self.features = True
+
+    def feature_identity(self) -> dict[str, Any]:
+        """What a value head trained on Step.features depends on. layer "output_norm": the
+        input of the output embedding (lm_head), i.e. the last layer's output after the final
+        norm, at the last token fed before the step ended ("last_token_of_step")."""
+        src = {k: v for k, v in self.identity().items() if k != "model_path"}
+        return {
+            "backend": "transformers",
+            **{k: src[k] for k in ("model", "model_sha256") if k in src},
+            "dtype": src["dtype"],
+            "layer": "output_norm",
+            "pooling": "last_token_of_step",
+            "dim": int(self.model.get_output_embeddings().in_features),
+        }
+
+    def features_of(self, texts: Sequence[tuple[Sequence[Message], str]]) -> np.ndarray:
+        """The state (as in Step.features) at the LAST token of render(messages) + prefix, by
+        a forward pass per pair (prefix = steps joined by the delimiter, no trailing one).
+        Returns float32 (len(texts), dim)."""
+        if isinstance(texts, str | bytes) or not isinstance(texts, Sequence):
+            raise TypeError("features_of() takes a sequence of (messages, prefix) pairs")
+        torch = self._torch
+        dim = int(self.model.get_output_embeddings().in_features)
+        out = np.empty((len(texts), dim), dtype=np.float32)
+        for i, pair in enumerate(texts):
+            if not (isinstance(pair, tuple | list) and len(pair) == 2):
+                raise TypeError(f"texts[{i}] must be a (messages, prefix) pair")
+            messages, prefix = pair
+            if (
+                not isinstance(prefix, str)
+                or not isinstance(messages, list | tuple)
+                or not all(isinstance(m, Message) for m in messages)
+            ):
+                raise TypeError(f"texts[{i}] must be (sequence of Message, str)")
+            ids = self.encode(self.render(messages, prefix))
+            check_prompt_fits(i, len(ids), 0, self.n_ctx)
+            with self._capture() as seen, torch.inference_mode():
+                self.model(input_ids=torch.tensor([ids], device=self.device), logits_to_keep=1)
+            out[i] = seen[0][0]
+        return out
+
+    @contextlib.contextmanager
+    def _capture(self) -> Iterator[list[Any]]:
+        """While open, `seen[0]` is the lm_head input at the last position of the latest
+        forward pass, a float32 numpy copy (batch, dim)."""
+        seen: list[Any] = [None]
+
+        def pre_hook(_module: Any, args: tuple[Any, ...]) -> None:
+            seen[0] = args[0][:, -1, :].float().cpu().numpy().copy()
+
+        handle = self.model.get_output_embeddings().register_forward_pre_hook(pre_hook)
+        try:
+            yield seen
+        finally:
+            handle.remove()
 
     # ------------------------------------------------------------------ prompts
 
@@ -172,6 +271,7 @@ class TransformersGenerator:
                 temperature=float(r.temperature),
                 top_p=float(r.top_p),
                 max_tokens=r.max_tokens,
+                stop=r.stop,
             )
             for i, r in enumerate(requests)
             for j in range(r.n)
@@ -194,11 +294,23 @@ class TransformersGenerator:
         usages = [Usage(prompt_tokens=len(p)) for p in prompts]
         for row in rows:  # rows are in (request, sample) order
             step = row.builder.build()
+            if self.features:
+                n = len(step.text.split(row.stop))
+                feats = [*row.delims[: n - 1], row.state]
+                if len(feats) != n:
+                    raise GenerationError(f"internal: {len(feats)} feature rows for {n} pieces")
+                step = replace(step, features=np.stack(feats))
             steps[row.req].append(step)
             usages[row.req].generated_tokens += step.n_tokens
         return Wave(steps, usages).generations()
 
     def _decode(self, batch: list[_Row]) -> None:
+        if not self.features:
+            return self._decode_loop(batch, None)
+        with self._capture() as seen:
+            return self._decode_loop(batch, seen)
+
+    def _decode_loop(self, batch: list[_Row], seen: list[Any] | None) -> None:
         torch = self._torch
         width = max(len(r.prompt) for r in batch)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
@@ -219,6 +331,7 @@ class TransformersGenerator:
             last_pos = pos[:, -1]
             for _ in range(max(r.max_tokens for r in batch)):
                 logits = out.logits[:, -1, :].float().cpu().numpy()
+                states = seen[0] if seen is not None else None
                 nxt = []
                 for b, r in enumerate(batch):
                     if r.done:
@@ -226,6 +339,8 @@ class TransformersGenerator:
                         continue
                     tok, lp = sample_token(logits[b], r.temperature, r.top_p, r.rng)
                     nxt.append(tok)
+                    if states is not None:
+                        r.state = states[b]  # the state whose logits chose `tok`
                     if tok in self.eos_ids:
                         r.builder.add_eos(tok, lp)
                         r.done = True
@@ -234,6 +349,11 @@ class TransformersGenerator:
                             r.builder.token_ids + [tok], skip_special_tokens=False
                         )
                         r.done = r.builder.add_decoded(tok, lp, text)
+                        if states is not None and r.builder.to_end:
+                            # Delimiters of step.text (= text.strip()), left to right as
+                            # str.split finds them; this token completed any new one.
+                            n_delims = text.lstrip().count(r.stop)
+                            r.delims.extend([r.state] * (n_delims - len(r.delims)))
                     if len(r.builder.token_ids) >= r.max_tokens:
                         r.done = True
                 if all(r.done for r in batch):
