@@ -15,11 +15,30 @@ software-prefetches what each lane reads next (`_prefetch`, an LLVM intrinsic); 
 prefetches the slots it writes a few leaves ahead. When no pick is in flight and each tree
 wants one leaf (the common wave), select also skips the vloss/epoch arrays entirely.
 
-Threads: libgomp (numba's "omp" layer) spins 300k iterations before sleeping by default,
-which on a busy machine starves the very thread it waits for (measured: 2 threads at load
-~5 collapsed to ~15k simulations/s vs ~400k on 1 thread). Importing this module sets
-GOMP_SPINCOUNT=10000 unless already set; it only takes effect if libgomp was not loaded
-yet (numba loads it at the first parallel call).
+Threads: libgomp, the OpenMP runtime of numba's "omp" layer and of llama.cpp's ggml, spins
+300k iterations (~3 ms) before a waiting thread sleeps, which on a busy machine starves the
+very thread it waits for (measured: numba, 2 threads at load ~5: ~15k simulations/s vs ~400k
+on 1 thread; llama.cpp, `mcts.run task.size=8` on 2 threads at load ~6: 2 of 8 problems in
+990 s, vs all 8 in 280 s with 10k spins; benchmarks/RESULTS.md). We use GOMP_SPINCOUNT=10000
+(~0.1 ms), scoped to this process's libgomp:
+
+- libgomp reads GOMP_SPINCOUNT once, in its load-time constructor (libgomp/env.c,
+  initialize_env), and has no call to change it later; numba has no spin setting of its own.
+  So importing this module imports numba's omp pool library (`numba.np.ufunc.omppool`, which
+  loads libgomp; the pool is not launched, so a fork before the first parallel call stays
+  safe) with the variable set, then deletes it: child processes (vLLM's engine, Ray and joblib
+  workers, subprocesses) never see it. A GOMP_SPINCOUNT the user set is left alone
+  (GOMP_SPINCOUNT=300000 restores libgomp's default).
+- That one libgomp serves the process: ggml binds it too (LlamaCppGenerator imports this
+  module before llama_cpp; until then mcts.run loaded llama_cpp first, so the old process-wide
+  `setdefault` reached only child processes), as does torch when imported afterwards (same
+  soname). They run parallel regions from the calling thread one after another, numba's and
+  ggml's in one shared thread pool, and the starvation argument holds for each. A libgomp
+  loaded before this module (torch imported first, or llama_cpp used directly) keeps its own
+  setting.
+- Not chosen: numba's "workqueue" layer (its threads would run beside ggml's libgomp worker,
+  still spinning ~3 ms after each decode; and the layer is process-wide numba config), "tbb"
+  (not installed).
 
 Arrays are 2-D, (n_trees, capacity), rows contiguous or strided (the Forest interleaves
 the hot per-node fields in one record; prefetch steps follow each array's stride); node
@@ -43,13 +62,30 @@ from __future__ import annotations
 import math
 import os
 
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-import numpy as np  # noqa: E402
-from llvmlite import ir  # noqa: E402
-from numba import njit, prange, types  # noqa: E402
-from numba.core import cgutils  # noqa: E402
-from numba.extending import intrinsic  # noqa: E402
+GOMP_SPINCOUNT = "10000"
+"""libgomp's busy-wait spins before a waiting thread sleeps (~0.1 ms; its default is 300k)."""
+
+
+def _load_libgomp() -> None:
+    """Load libgomp, through numba's omp pool, with GOMP_SPINCOUNT set only while it loads."""
+    if "GOMP_SPINCOUNT" in os.environ:
+        return
+    os.environ["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
+    try:
+        import numba.np.ufunc.omppool  # noqa: F401  (its libgomp reads the variable now, once)
+    except ImportError:  # numba without its omp layer: nothing to tune
+        pass
+    finally:
+        del os.environ["GOMP_SPINCOUNT"]
+
+
+_load_libgomp()
 
 RULE_PUCT = 0
 RULE_UCT = 1

@@ -63,9 +63,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"waves / generator calls  {summary['waves']} / {summary['generator_calls']}"
         f"  (mean batch {summary['mean_batch_per_call']:.1f} requests,"
         f" wave fill {pct(summary.get('wave_fill'))})",
+        f"truncated samples/problem {summary.get('truncated_per_problem') or 0:.2f}"
+        "  (finished solutions cut by the token cap)",
         f"seconds                  {summary['seconds']:.1f}"
         f"  (outside model calls: {pct(summary['overhead_share'])})",
     ]
+    if summary.get("beams_per_wave") is not None:
+        lines.insert(
+            -1, f"beams per wave           {summary['beams_per_wave']:.2f}  (effective width)"
+        )
     chk = summary.get("answer_checks") or {}
     if chk.get("timeouts") or chk.get("errors"):
         lines.append(

@@ -81,12 +81,14 @@ class LlamaCppConfig:
     """Hydra config (configs/generator/llama_cpp.yaml). model_path None = the embedded GGUF.
 
     n_threads None (the default) = `usable_cores()`, one llama.cpp thread per core this process
-    may use: on a quiet 2-core box `mcts.run task.size=8` took 38 s on 2 threads vs 67.5 s on 1,
-    same answers (benchmarks/RESULTS.md). The search's numba kernels do not compete for those
-    cores: they run between model calls, never during one, and both use the same libgomp
-    thread pool (see mcts.kernels, "Threads"). Set it lower where others share the cores:
-    generator.n_threads=1 when another process keeps the machine busy (two threads wait for
-    each other whenever one is descheduled), or cores / jobs for several jobs per machine.
+    may use: on a quiet 2-core box `mcts.run task.size=8` took 38 s on 2 threads vs 67.5 s on 1.
+    The search's numba kernels do not compete for those cores: they run between model calls,
+    never during one, in the same libgomp thread pool (see mcts.kernels, "Threads"). Set it
+    lower where others share the cores: generator.n_threads=1 when other processes keep the
+    machine busy (at load ~5 on 2 cores, 1 thread took 140-145 s, 2 threads 162-234 s), or
+    cores / jobs for several jobs per machine. Samples repeat for a given n_threads but not
+    across thread counts (2 of those 8 answers differed between 1 and 2 threads): pin
+    n_threads to reproduce a run on another machine (benchmarks/RESULTS.md).
     """
 
     backend: str = "llama_cpp"
@@ -146,6 +148,10 @@ class LlamaCppGenerator:
             )
         if not os.access(path, os.R_OK):
             raise PermissionError(f"model_path {str(path)!r} is not readable")
+        # ggml's threads run on libgomp, the runtime numba's kernels use: have mcts.kernels load
+        # it (with its spin count) before llama_cpp does, whatever the import order.
+        import mcts.kernels  # noqa: F401
+
         try:
             import llama_cpp
         except ImportError as exc:
@@ -156,6 +162,7 @@ class LlamaCppGenerator:
         self.path = path
         self._lib = llama_cpp
         n_threads = cfg.n_threads if cfg.n_threads is not None else usable_cores()
+        self.n_threads = n_threads
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(path),
@@ -208,17 +215,21 @@ class LlamaCppGenerator:
             self.enable_features()
 
     def identity(self) -> dict[str, Any]:
-        """What results depend on: the GGUF (by SHA-256, cached), n_ctx and the fallback seed.
+        """What results depend on: the GGUF (by SHA-256, cached), n_ctx, the fallback seed and
+        the thread count in force.
 
-        Left out: n_threads, verbose and the batching knobs (batched, n_seq_max, n_batch,
-        n_ctx_total): samples are seeded per request and the logits do not depend on batch
-        composition (see the module docstring).
+        n_threads is in: the batched multi-sequence decode gives different samples on 1 and
+        2 threads (measured, benchmarks/RESULTS.md "llama.cpp threads"), so a resume with
+        another count would blend two experiments. Left out: verbose and the batching knobs
+        (batched, n_seq_max, n_batch, n_ctx_total): samples are seeded per request and the
+        logits do not depend on batch composition (see the module docstring).
         """
         return {
             "backend": "llama_cpp",
             **model_source(self.path),
             "n_ctx": self.cfg.n_ctx,
             "seed": self.cfg.seed,
+            "n_threads": self.n_threads,
         }
 
     # ------------------------------------------------------------------ features
