@@ -3,6 +3,13 @@
 Each Problem carries the dataset's own `score_answer` as `check`, wrapped in a small
 picklable class (Ray ships problems to workers): it holds the entry and the recipe of its
 dataset, and rebuilds the dataset lazily (cached per process) on the first call.
+
+Model text is never executed, also through a task's checker: some reasoning-gym scorers
+hand the answer to `eval` or sympy's `parse_expr` (countdown, puzzle24, the integration and
+polynomial tasks, the matrix / board / string list forms; see `mcts.tasks.safe_answers`).
+`GymScorer` first checks the answer against its task's strict grammar; an answer outside it
+scores 0.0 and the dataset's `score_answer` is never called. A task whose scorer may
+evaluate text and that has no grammar is refused when it is loaded.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import json
 from functools import lru_cache
 from typing import Any
 
+from mcts.tasks.safe_answers import admits, ensure_guarded
 from mcts.types import Problem
 
 DEFAULT_SIZE = 100
@@ -74,7 +82,11 @@ def _cached_dataset(name: str, params_key: str, seed: int, size: int) -> Any:
 
 
 class GymScorer:
-    """Picklable `check` for one reasoning-gym entry: answer text -> the dataset's score in [0, 1]."""
+    """Picklable `check` for one reasoning-gym entry: answer text -> the dataset's score in [0, 1].
+
+    The answer reaches the dataset's `score_answer` only if it passes the task's grammar
+    (`mcts.tasks.safe_answers.admits`); otherwise it scores 0.0.
+    """
 
     __slots__ = ("name", "params_key", "seed", "size", "index", "entry")
 
@@ -89,6 +101,8 @@ class GymScorer:
         self.entry = entry
 
     def __call__(self, answer: str | None) -> float:
+        if not admits(self.name, answer, self.entry):
+            return 0.0
         ds = _cached_dataset(self.name, self.params_key, self.seed, self.size)
         return float(ds.score_answer(answer, self.entry))
 
@@ -117,6 +131,7 @@ def load_reasoning_gym(
     params = dict(params or {})
     key = _params_key(params)
     ds = _cached_dataset(name, key, seed, size)
+    ensure_guarded(name, params)
     problems = []
     for i in range(size):
         entry = ds[i]
