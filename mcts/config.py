@@ -83,6 +83,8 @@ class SearchConfig:
 
     # outputs
     pair_margin: float = 0.2
+    # Terminal solutions (merged samples) that must lie below each side of a step pair.
+    pair_min_support: int = 1
     answer_mode: str = "auto"  # mcts.answers.extract_answer mode
 
     def __post_init__(self) -> None:
@@ -164,6 +166,12 @@ class SearchConfig:
             raise bad("dirichlet_alpha", "alpha must be >= 0 and eps in [0, 1]")
         if not isinstance(self.hide_references, bool):
             raise bad("hide_references", f"must be true or false, got {self.hide_references!r}")
+        if (
+            not isinstance(self.pair_min_support, int)
+            or isinstance(self.pair_min_support, bool)
+            or self.pair_min_support < 1
+        ):
+            raise bad("pair_min_support", f"must be an integer >= 1, got {self.pair_min_support!r}")
         if not 0 <= self.pair_margin <= 1:
             raise bad("pair_margin", "must be in [0, 1]")
 

@@ -71,12 +71,14 @@ def _node(
 
 
 def small_tree(pid: str = "p0", question: str = "What is 2 + 3?") -> nx.DiGraph:
-    """root -> {1, 2, 3}; 1 -> {4 (correct), 5 (wrong), 7 (unvisited)}; 2 -> 6 (correct); 3 wrong."""
+    """root -> {1, 2, 3}; 1 -> {4 (correct), 5 (wrong), 7 (unvisited)}; 2 -> 6 (correct); 3 wrong.
+
+    Node 2 has a q (0.5) but no value target: the training tables must not use it."""
     g = nx.DiGraph(problem_id=pid, question=question, reference="5", algorithm="mcts")
     _node(g, 0, None, "", 10, 0.6, selected=True)
     _node(g, 1, 0, "2 + 3 means adding.", 6, 0.7, vt=0.8, selected=True)
     _node(g, 2, 0, "Add 2 and 3 at once.", 3, 0.5)
-    _node(g, 3, 0, "Multiply 2 by 3.", 1, 0.0, terminal=True, correct=False, answer="6")
+    _node(g, 3, 0, "Multiply 2 by 3.", 1, 0.0, vt=0.0, terminal=True, correct=False, answer="6")
     _node(
         g,
         4,
@@ -92,7 +94,7 @@ def small_tree(pid: str = "p0", question: str = "What is 2 + 3?") -> nx.DiGraph:
     )
     _node(g, 5, 1, "The answer is 4.", 2, 0.0, vt=0.0, terminal=True, correct=False, answer="4")
     _node(g, 7, 1, "Hmm.", 0, NAN)
-    _node(g, 6, 2, "So 5.", 3, 1.0, terminal=True, correct=True, answer="5")
+    _node(g, 6, 2, "So 5.", 3, 1.0, vt=1.0, terminal=True, correct=True, answer="5")
     return g
 
 
@@ -319,6 +321,7 @@ def test_tree_json_roundtrip_keeps_attributes_and_nan(tmp_path):
     assert set(h.edges) == set(g.edges)
     assert h.graph["problem_id"] == "weird/id with spaces"
     assert math.isnan(h.nodes[7]["q"]) and math.isnan(h.nodes[2]["value_target"])
+    assert h.nodes[6]["value_target"] == 1.0
     assert h.nodes[4]["correct"] is True and h.nodes[4]["answer"] == "5"
     assert h.nodes[1]["visits"] == 6 and h.nodes[1]["value_target"] == 0.8
 
@@ -395,27 +398,43 @@ def test_pairs_invariants_and_kinds(exported):
     assert ((step.chosen_value - step.rejected_value) >= 0.3 - 1e-12).all()
     assert (step.gap == step.chosen_value - step.rejected_value).all()
     assert (step.chosen != step.rejected).all()
+    assert (df.value_kind == "mc").all()  # algorithm mcts, no fingerprint: "auto" -> mc
     for r in step.itertuples():
-        assert r.prompt == make_prompt(r.question, list(r.prefix_steps))
+        assert r.prompt_text == make_prompt(r.question, list(r.prefix_steps))
+        assert (
+            r.chosen_text == r.chosen[0]["content"] and r.rejected_text == r.rejected[0]["content"]
+        )
     p0 = step[step.problem_id == "p0"]
-    # root children values: 1 -> 0.8 (target), 2 -> 0.5 (q), 3 -> 0.0; node 1's: 4 -> 1.0, 5 -> 0.0, 7 NaN
+    # root children value targets: 1 -> 0.8, 2 -> none (q 0.5 is not a target), 3 -> 0.0;
+    # node 1's: 4 -> 1.0, 5 -> 0.0, 7 unvisited
     got = {(r.chosen_node, r.rejected_node) for r in p0.itertuples()}
-    assert got == {(1, 2), (1, 3), (2, 3), (4, 5)}
+    assert got == {(1, 3), (4, 5)}
+    assert info["counts"]["dropped_step_pairs"]["no_value_target"] == 2 * 2  # (1,2), (2,3) x 2
     r45 = p0[p0.chosen_node == 4].iloc[0]
-    assert r45.prompt == "What is 2 + 3?\n\n2 + 3 means adding.\n\n"
-    assert r45.chosen == "The answer is 5." and r45.rejected == "The answer is 4."
+    assert r45.prompt_text == "What is 2 + 3?\n\n2 + 3 means adding.\n\n"
+    assert list(r45.prompt)[-1] == {"role": "assistant", "content": "2 + 3 means adding.\n\n"}
+    assert r45.chosen_text == "The answer is 5." and r45.rejected_text == "The answer is 4."
+    assert (r45.chosen_support, r45.rejected_support) == (1, 1)
+    assert r45.chosen_eos and r45.rejected_eos and not r45.continues  # terminals, no finish attr
+    r13 = p0[p0.chosen_node == 1].iloc[0]
+    assert (r13.chosen_support, r13.rejected_support) == (2, 1) and r13.continues
     traj = df[(df.kind == "trajectory") & (df.problem_id == "p0")]
     assert len(traj) == 4  # correct {4, 6} x incorrect {3, 5}
-    assert (traj.prompt == "What is 2 + 3?\n\n").all()
+    assert (traj.prompt_text == "What is 2 + 3?\n\n").all()
+    assert all(len(p) == 2 for p in traj.prompt)  # system + user, no assistant prefix
     assert set(traj.chosen_node) == {4, 6} and set(traj.rejected_node) == {3, 5}
-    assert "2 + 3 means adding.\n\nThe answer is 5." in set(traj.chosen)
+    assert "2 + 3 means adding.\n\nThe answer is 5." in set(traj.chosen_text)
 
 
 def test_stepwise_labels_follow_values(exported):
     info, _ = exported
     df = pd.read_parquet(info["stepwise"])
     p0 = df[df.problem_id == "p0"]
-    assert len(p0) == 4 and (p0.prompt == "What is 2 + 3?").all()
+    # path 2 -> 6 is left out: node 2 has a q but no value target (one scale per table)
+    assert len(p0) == 3 and (p0.prompt_text == "What is 2 + 3?").all()
+    assert info["counts"]["stepwise_skipped_paths"] == 2
+    assert [m["role"] for m in p0.iloc[0].prompt] == ["system", "user"]
+    assert (p0.value_kind == "mc").all()
     for r in df.itertuples():
         assert len(r.completions) == len(r.labels) == len(r.values)
         assert list(r.labels) == [v >= 0.5 for v in r.values]
@@ -488,13 +507,15 @@ def test_property_pairs_respect_margin_and_share_prefix(seed, n, margin):
     for p in step_pairs(g, margin):
         assert p["chosen_value"] > p["rejected_value"]
         assert p["chosen_value"] - p["rejected_value"] >= margin
-        assert p["chosen_value"] == node_value(g.nodes[p["chosen_node"]])
+        assert p["chosen_value"] == g.nodes[p["chosen_node"]]["value_target"]  # never q
+        assert p["rejected_value"] == g.nodes[p["rejected_node"]]["value_target"]
         # siblings: one parent, and the prompt is exactly question + that parent's path
         assert list(g.predecessors(p["chosen_node"])) == [p["parent_node"]]
         assert list(g.predecessors(p["rejected_node"])) == [p["parent_node"]]
-        assert p["prompt"] == make_prompt("Q?", p["prefix_steps"])
+        assert p["prompt_text"] == make_prompt("Q?", p["prefix_steps"])
         assert p["chosen"] != p["rejected"]
     for p in trajectory_pairs(g, max_pairs=None):
         assert g.nodes[p["chosen_node"]]["correct"] is True
         assert g.nodes[p["rejected_node"]]["correct"] is False
-        assert p["prompt"] == "Q?\n\n"
+        assert p["prompt_text"] == "Q?\n\n"
+        assert p["chosen_value"] > p["rejected_value"]

@@ -203,7 +203,9 @@ def distributed_search(
         if run_dir is not None:
             from mcts.export import write_exports
 
-            summary["exports"] = write_exports(run_dir, margin=cfg.pair_margin)
+            summary["exports"] = write_exports(
+                run_dir, margin=cfg.pair_margin, min_support=cfg.pair_min_support
+            )
         return SearchResult(results=collected, summary=summary)
 
 

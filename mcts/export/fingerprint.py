@@ -16,8 +16,9 @@ What is fingerprinted:
   search.*     every SearchConfig field (system_prompt None as the default prompt's text)
                except those that cannot change a result:
                max_live_trees (how many problems share a wave: request seeds depend only on
-               problem, node and wave, never on batch composition) and pair_margin (used
-               only by the Parquet exports, which are rebuilt from all rows at each run's end)
+               problem, node and wave, never on batch composition), pair_margin and
+               pair_min_support (used only by the Parquet exports, which are rebuilt from
+               all rows at each run's end)
   generator.*  its `identity()`: backend, model (a local file/folder by SHA-256, a hub id by
                name and revision), chat template, dtype, n_ctx, fallback seed; the model's
                path is recorded (generator.model_path) but not compared, so moving a model
@@ -58,7 +59,7 @@ from mcts.types import Problem
 
 FINGERPRINT_VERSION = 1
 # SearchConfig fields that cannot change a result row (see the module docstring).
-SEARCH_EXCLUDED = frozenset({"max_live_trees", "pair_margin"})
+SEARCH_EXCLUDED = frozenset({"max_live_trees", "pair_margin", "pair_min_support"})
 TASK_EXCLUDED = frozenset({"size", "on_error"})
 # Recorded for the reader, never compared: where a hashed model lies on this machine.
 _INFO_SUFFIX = "model_path"

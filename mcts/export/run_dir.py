@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ def write_exports(
     margin: float = 0.1,
     *,
     min_visits: int = 1,
+    min_support: int = 1,
     max_step_pairs_per_node: int | None = None,
     max_trajectory_pairs: int | None = 8,
     label_threshold: float = 0.5,
@@ -52,11 +54,15 @@ def write_exports(
 ) -> dict[str, Any]:
     """Rebuild traces / pairs / stepwise Parquet (and tree.png) from results.jsonl + trees/.
 
-    margin: least value gap of a step pair (>= 0). draw: True draws the first finished
-    problem's tree, a problem id draws that one, False draws none.
+    margin: least value gap of a step pair (>= 0). min_support: least support of each side
+    of a step pair (merged samples of checked terminal solutions at or below it; >= 0).
+    Pairs compare value targets only (mcts.export.tables). draw: True draws the first
+    finished problem's tree, a problem id draws that one, False draws none.
     Returns the paths written (results, traces, pairs_dpo, stepwise, tree_png or None),
     "counts" (problems, traces, step_pairs, trajectory_pairs, stepwise,
-    stepwise_skipped_paths) and "missing_trees" (ids whose tree file is absent).
+    stepwise_skipped_paths, and dropped_step_pairs / dropped_trajectory_pairs: candidate
+    pairs left out per reason, tables.DROP_REASONS) and "missing_trees" (ids whose tree
+    file is absent).
     """
     if (
         isinstance(margin, bool)
@@ -71,6 +77,8 @@ def write_exports(
         raise ValueError(f"label_threshold must be in [0, 1], got {label_threshold!r}")
     if min_visits < 0:
         raise ValueError(f"min_visits must be >= 0, got {min_visits!r}")
+    if isinstance(min_support, bool) or not isinstance(min_support, int) or min_support < 0:
+        raise ValueError(f"min_support must be an int >= 0, got {min_support!r}")
     run = check_writable(run_dir)
     log = ResultsLog(run)
     traces: list[dict[str, Any]] = []
@@ -79,6 +87,8 @@ def write_exports(
     missing: list[str] = []
     skipped_paths = 0
     n_step = n_traj = 0
+    drop_step: Counter = Counter()
+    drop_traj: Counter = Counter()
     drawn: tuple[Any, str] | None = None
     for row in log.rows():
         tp = tree_path(run, str(row["id"]), str(row.get("algorithm") or ""))
@@ -88,9 +98,17 @@ def write_exports(
         g = load_tree(tp)
         traces += tables.trace_rows(g, row)
         sp = tables.step_pairs(
-            g, margin, row, min_visits=min_visits, max_pairs_per_node=max_step_pairs_per_node
+            g,
+            margin,
+            row,
+            min_visits=min_visits,
+            min_support=min_support,
+            max_pairs_per_node=max_step_pairs_per_node,
+            dropped=drop_step,
         )
-        tpairs = tables.trajectory_pairs(g, row, max_pairs=max_trajectory_pairs)
+        tpairs = tables.trajectory_pairs(
+            g, row, max_pairs=max_trajectory_pairs, margin=margin, dropped=drop_traj
+        )
         n_step += len(sp)
         n_traj += len(tpairs)
         pairs += sp + tpairs
@@ -118,6 +136,8 @@ def write_exports(
             "trajectory_pairs": n_traj,
             "stepwise": len(stepwise),
             "stepwise_skipped_paths": skipped_paths,
+            "dropped_step_pairs": {k: drop_step[k] for k in tables.DROP_REASONS},
+            "dropped_trajectory_pairs": {k: drop_traj[k] for k in tables.DROP_REASONS},
         },
         "missing_trees": missing,
     }

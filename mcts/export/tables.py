@@ -1,35 +1,73 @@
 """Training tables from searched trees: traces, DPO preference pairs, stepwise PRM data.
 
-Plain-text layout shared by every table (no chat template applied, so any tokenizer or
-chat format can be layered on later; `question` and `prefix_steps` columns keep the parts):
+What a row means (the data says what the search saw and what it measured):
 
-    prompt  = question + "\\n\\n" + "".join(step + "\\n\\n" for step in prefix_steps)
-    chosen / rejected = the continuation: one step (kind "step") or the full solution,
-                        steps joined by "\\n\\n" (kind "trajectory", prefix_steps empty)
+Prompt. `prompt` is TRL's conversational format: the messages the policy was sampled with,
+exactly as mcts.prompts.problem_messages(question, system) builds them, with the run's
+system prompt (results row fingerprint_fields["search.system_prompt"]; a row without a
+fingerprint gets DEFAULT_SYSTEM, and `system_prompt_source` says "default", not "run").
+A step pair below the root continues an assistant turn the policy had already begun, so its
+prompt ends with ONE assistant message holding the prefix steps, each followed by the run's
+delimiter (mcts.prompts.join_steps: the text the search appended after the chat template's
+generation prompt). chosen / rejected = [{"role": "assistant", "content": c}], c the sibling
+step's exact text (kind "step") or the full solution, its steps joined by the delimiter
+(kind "trajectory", no prefix). The former plain-text layout stays, in `*_text` columns:
 
-so prompt + chosen is the document "question\\n\\nstep1\\n\\nstep2...".
+    prompt_text = question + "\\n\\n" + "".join(step + "\\n\\n" for step in prefix_steps)
+    chosen_text / rejected_text = the continuation (trajectory steps joined by "\\n\\n")
 
-A node's value is its value_target when set (not NaN), else its q (see trees.node_value).
-Step pairs: two children of one parent (so they share the prefix exactly), both with a
-finite value and at least `min_visits` visits, different texts, chosen value > rejected
-value and gap >= margin. Trajectory pairs: a correct terminal solution vs an incorrect one
-of the same problem; their chosen_value / rejected_value are the outcomes (1.0 / 0.0), so
-gap = 1.0. stepwise labels: value >= label_threshold (0.5 by default) per step.
+EOS policy. `chosen_eos` / `rejected_eos`: whether that side ends the solution (the policy
+emitted EOS after it: node finish == "eos"; trees without `finish`: terminal);
+`continues` = not (chosen_eos and rejected_eos). TRL's DPOTrainer (read in trl 1.16) ends
+every completion: conversational rows are rendered whole by the chat template, which closes
+the assistant turn (its end-of-turn token) after chosen / rejected, and renders a prompt's
+trailing assistant message as a closed turn followed by a new one; plain-text rows get
+eos_token appended. DPOConfig has no option to turn that off. So rows with `continues` or
+a prefix are trained through `pretokenize_pair(row, tokenizer)`: prompt_ids = the chat
+template (generation prompt on) + the prefix text, as the generators render it; chosen_ids /
+rejected_ids = the side's tokens, then tokenizer.eos_token_id only where that side ends the
+solution. TRL 1.16 always re-tokenizes text datasets; hand it the ids through a subclass:
+
+    class PreTokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset  # rows hold prompt_ids / chosen_ids / rejected_ids already
+
+Rows with no prefix and not `continues` (trajectory pairs ending in EOS, final steps at the
+root) are also right when DPOTrainer tokenizes the conversational columns itself.
+
+Values. One scale per table: a node's value is its value_target, never its q (`value_kind`
+"mc" | "rest": the results row's search.value_target, "auto" resolved as the search does:
+rest for rest_mcts, mc otherwise). Nodes without a value target are not paired, and paths
+with one are left out of stepwise. Support (`chosen_support` / `rejected_support`): the
+merged sample count of the checked terminal solutions at or below the node.
+Step pairs: two children of one parent (so they share the prefix exactly), both with a value
+target, at least `min_visits` visits and at least `min_support` support, different texts,
+chosen value > rejected value and gap >= margin. Trajectory pairs: a correct terminal
+solution vs an incorrect one of the same problem, both with a value target, gap >= margin;
+their values are the terminals' value targets (mc: 1.0 / 0.0). Their label is a checked outcome, not an
+estimate, so min_support does not filter them (their support is the solution's sample count).
+stepwise labels: value >= label_threshold (0.5 by default) per step.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
 import pyarrow as pa
 
 from mcts.export.trees import children, find_root, node_value, path_to, terminal_nodes
+from mcts.prompts import DEFAULT_SYSTEM, join_steps, problem_messages
 
 SEP = "\n\n"
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+# Why candidate pairs were left out (write_exports reports a count per reason).
+DROP_REASONS = ("no_value_target", "min_support", "margin", "max_pairs")
 
 TRACES_SCHEMA = pa.schema(
     [
@@ -54,13 +92,25 @@ TRACES_SCHEMA = pa.schema(
 
 PAIRS_SCHEMA = pa.schema(
     [
-        ("prompt", pa.string()),
-        ("chosen", pa.string()),
-        ("rejected", pa.string()),
+        ("prompt", MESSAGES),
+        ("chosen", MESSAGES),
+        ("rejected", MESSAGES),
         ("kind", pa.string()),
+        ("continues", pa.bool_()),
+        ("chosen_eos", pa.bool_()),
+        ("rejected_eos", pa.bool_()),
+        ("value_kind", pa.string()),
         ("gap", pa.float64()),
         ("chosen_value", pa.float64()),
         ("rejected_value", pa.float64()),
+        ("chosen_support", pa.int64()),
+        ("rejected_support", pa.int64()),
+        ("prompt_text", pa.string()),
+        ("chosen_text", pa.string()),
+        ("rejected_text", pa.string()),
+        ("system_prompt", pa.string()),
+        ("system_prompt_source", pa.string()),
+        ("delimiter", pa.string()),
         ("problem_id", pa.string()),
         ("algorithm", pa.string()),
         ("question", pa.string()),
@@ -73,10 +123,14 @@ PAIRS_SCHEMA = pa.schema(
 
 STEPWISE_SCHEMA = pa.schema(
     [
-        ("prompt", pa.string()),
+        ("prompt", MESSAGES),
         ("completions", pa.list_(pa.string())),
         ("labels", pa.list_(pa.bool_())),
         ("values", pa.list_(pa.float64())),
+        ("value_kind", pa.string()),
+        ("prompt_text", pa.string()),
+        ("system_prompt", pa.string()),
+        ("system_prompt_source", pa.string()),
         ("problem_id", pa.string()),
         ("algorithm", pa.string()),
         ("correct", pa.bool_()),
@@ -86,8 +140,48 @@ STEPWISE_SCHEMA = pa.schema(
 
 
 def make_prompt(question: str, prefix_steps: Iterable[str] = ()) -> str:
-    """The plain-text prompt layout documented above."""
+    """The plain-text prompt layout documented above (`prompt_text`)."""
     return question + SEP + "".join(s + SEP for s in prefix_steps)
+
+
+@dataclass(frozen=True)
+class RunPrompting:
+    """How a run prompted the policy, and the scale of its value targets."""
+
+    system: str  # "" = no system message
+    system_source: str  # "run" (recorded in the results row) | "default" (not recorded)
+    delimiter: str
+    value_kind: str  # "mc" | "rest"
+
+    def messages(self, question: str, prefix_steps: Iterable[str] = ()) -> list[dict[str, str]]:
+        """The messages the policy saw: system + user, plus the begun assistant turn."""
+        msgs = [
+            {"role": m.role, "content": m.content} for m in problem_messages(question, self.system)
+        ]
+        prefix = join_steps(list(prefix_steps), self.delimiter)
+        if prefix:
+            msgs.append({"role": "assistant", "content": prefix})
+        return msgs
+
+
+def run_prompting(row: dict[str, Any] | None, graph: nx.DiGraph | None = None) -> RunPrompting:
+    """The run's system prompt, delimiter and value scale, read off its results row."""
+    row = row or {}
+    ff = row.get("fingerprint_fields")
+    ff = ff if isinstance(ff, dict) else {}
+    if isinstance(ff.get("search.system_prompt"), str):
+        system, source = ff["search.system_prompt"], "run"
+    else:
+        system, source = DEFAULT_SYSTEM, "default"
+    delim = ff.get("search.delimiter")
+    delim = delim if isinstance(delim, str) and delim else SEP
+    algo = ff.get("search.algorithm") or row.get("algorithm")
+    if algo is None and graph is not None:
+        algo = graph.graph.get("algorithm")
+    kind = ff.get("search.value_target") or "auto"
+    if kind == "auto":
+        kind = "rest" if algo == "rest_mcts" else "mc"
+    return RunPrompting(system, source, delim, str(kind))
 
 
 def _float(x: Any) -> float:
@@ -115,6 +209,31 @@ def _meta(graph: nx.DiGraph, row: dict[str, Any] | None) -> tuple[str, str, str,
     algorithm = g.get("algorithm", row.get("algorithm")) or ""
     reference = g.get("reference", row.get("reference"))
     return str(pid), str(algorithm), str(question), None if reference is None else str(reference)
+
+
+def target_value(attrs: dict[str, Any]) -> float:
+    """A node's value target (NaN where none): never q, so one table keeps one scale."""
+    return node_value(attrs, q_fallback=False)
+
+
+def ends_solution(attrs: dict[str, Any]) -> bool:
+    """Whether the policy emitted EOS after this step (trees without `finish`: terminal)."""
+    finish = attrs.get("finish")
+    if finish:
+        return finish == "eos"
+    return bool(attrs.get("terminal", False))
+
+
+def support(graph: nx.DiGraph) -> dict[Any, int]:
+    """Per node: the merged sample count of checked terminal solutions at or below it."""
+    out: dict[Any, int] = {}
+    for n in reversed(list(nx.topological_sort(graph))):
+        a = graph.nodes[n]
+        own = (
+            int(a.get("count", 1) or 1) if a.get("terminal") and a.get("correct") is not None else 0
+        )
+        out[n] = own + sum(out[c] for c in graph.successors(n))
+    return out
 
 
 def trace_rows(graph: nx.DiGraph, row: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -148,132 +267,178 @@ def trace_rows(graph: nx.DiGraph, row: dict[str, Any] | None = None) -> list[dic
     return out
 
 
+# (node, value, text, support, ends_solution) of one side of a pair
+Side = tuple[Any, float, str, int, bool]
+
+
+def _pair(
+    rp: RunPrompting,
+    meta: tuple[str, str, str],
+    kind: str,
+    prefix: list[str],
+    hi: Side,
+    lo: Side,
+    parent: Any,
+) -> dict[str, Any]:
+    pid, algo, question = meta
+    return {
+        "prompt": rp.messages(question, prefix),
+        "chosen": [{"role": "assistant", "content": hi[2]}],
+        "rejected": [{"role": "assistant", "content": lo[2]}],
+        "kind": kind,
+        "continues": not (hi[4] and lo[4]),
+        "chosen_eos": hi[4],
+        "rejected_eos": lo[4],
+        "value_kind": rp.value_kind,
+        "gap": hi[1] - lo[1],
+        "chosen_value": hi[1],
+        "rejected_value": lo[1],
+        "chosen_support": hi[3],
+        "rejected_support": lo[3],
+        "prompt_text": make_prompt(question, prefix),
+        "chosen_text": hi[2].replace(rp.delimiter, SEP) if kind == "trajectory" else hi[2],
+        "rejected_text": lo[2].replace(rp.delimiter, SEP) if kind == "trajectory" else lo[2],
+        "system_prompt": rp.system,
+        "system_prompt_source": rp.system_source,
+        "delimiter": rp.delimiter,
+        "problem_id": pid,
+        "algorithm": algo,
+        "question": question,
+        "prefix_steps": prefix,
+        "parent_node": None if parent is None else int(parent),
+        "chosen_node": int(hi[0]),
+        "rejected_node": int(lo[0]),
+    }
+
+
 def step_pairs(
     graph: nx.DiGraph,
     margin: float,
     row: dict[str, Any] | None = None,
     *,
     min_visits: int = 1,
+    min_support: int = 1,
     max_pairs_per_node: int | None = None,
+    dropped: Counter | None = None,
 ) -> list[dict[str, Any]]:
-    """Sibling-step preference pairs whose values differ by at least `margin`."""
+    """Sibling-step preference pairs on the value-target scale (see the module docstring).
+
+    dropped: a Counter that receives, per DROP_REASONS key, the sibling pairs (distinct
+    texts, both with min_visits) that were left out."""
+    dropped = dropped if dropped is not None else Counter()
     pid, algo, question, _ = _meta(graph, row)
+    rp = run_prompting(row, graph)
     root = find_root(graph)
+    sup = support(graph)
     out = []
     for parent in sorted(graph.nodes):
         kids = children(graph, parent)
         if len(kids) < 2:
             continue
-        scored = []
+        sides: list[Side] = []
         for c in kids:
             a = graph.nodes[c]
-            v = node_value(a)
-            if math.isfinite(v) and int(a.get("visits", 0) or 0) >= min_visits:
-                scored.append((c, v, str(a.get("text", ""))))
+            if int(a.get("visits", 0) or 0) >= min_visits:
+                sides.append((c, target_value(a), str(a.get("text", "")), sup[c], ends_solution(a)))
         cands = []
-        for (ca, va, ta), (cb, vb, tb) in itertools.permutations(scored, 2):
-            if va > vb and va - vb >= margin and ta != tb:
-                cands.append((va - vb, ca, va, ta, cb, vb, tb))
+        for x, y in itertools.combinations(sides, 2):
+            if x[2] == y[2]:
+                continue
+            if not (math.isfinite(x[1]) and math.isfinite(y[1])):
+                dropped["no_value_target"] += 1
+                continue
+            if min(x[3], y[3]) < min_support:
+                dropped["min_support"] += 1
+                continue
+            hi, lo = (x, y) if x[1] >= y[1] else (y, x)
+            if hi[1] > lo[1] and hi[1] - lo[1] >= margin:
+                cands.append((hi, lo))
+            else:
+                dropped["margin"] += 1
+        cands.sort(key=lambda p: (-(p[0][1] - p[1][1]), p[0][0], p[1][0]))
+        if max_pairs_per_node is not None and len(cands) > max_pairs_per_node:
+            dropped["max_pairs"] += len(cands) - max_pairs_per_node
+            cands = cands[:max_pairs_per_node]
         if not cands:
             continue
-        cands.sort(key=lambda c: (-c[0], c[1], c[4]))
-        if max_pairs_per_node is not None:
-            cands = cands[:max_pairs_per_node]
         prefix = list(path_to(graph, parent, root).steps) if parent != root else []
-        prompt = make_prompt(question, prefix)
-        for gap, ca, va, ta, cb, vb, tb in cands:
-            out.append(
-                {
-                    "prompt": prompt,
-                    "chosen": ta,
-                    "rejected": tb,
-                    "kind": "step",
-                    "gap": gap,
-                    "chosen_value": va,
-                    "rejected_value": vb,
-                    "problem_id": pid,
-                    "algorithm": algo,
-                    "question": question,
-                    "prefix_steps": prefix,
-                    "parent_node": int(parent),
-                    "chosen_node": int(ca),
-                    "rejected_node": int(cb),
-                }
-            )
+        out += [_pair(rp, (pid, algo, question), "step", prefix, h, lo, parent) for h, lo in cands]
     return out
 
 
 def trajectory_pairs(
-    graph: nx.DiGraph, row: dict[str, Any] | None = None, *, max_pairs: int | None = 8
+    graph: nx.DiGraph,
+    row: dict[str, Any] | None = None,
+    *,
+    max_pairs: int | None = 8,
+    margin: float = 0.0,
+    dropped: Counter | None = None,
 ) -> list[dict[str, Any]]:
-    """Correct-vs-incorrect full-solution pairs; highest-valued solutions of each side first."""
+    """Correct-vs-incorrect full-solution pairs; highest-valued solutions of each side first
+    (chosen value > rejected value and gap >= margin, as for step pairs)."""
+    dropped = dropped if dropped is not None else Counter()
     pid, algo, question, _ = _meta(graph, row)
+    rp = run_prompting(row, graph)
     root = find_root(graph)
-    good: dict[str, tuple[float, Any]] = {}
-    bad: dict[str, tuple[float, Any]] = {}
+    # distinct solution text -> [value, node, support, ends_solution] (first terminal's)
+    good: dict[str, list[Any]] = {}
+    bad: dict[str, list[Any]] = {}
     for t in terminal_nodes(graph):
-        c = graph.nodes[t].get("correct")
-        if c is None:
+        a = graph.nodes[t]
+        if a.get("correct") is None:
             continue
-        text = SEP.join(path_to(graph, t, root).steps)
-        side = good if c else bad
-        if text not in side:
-            side[text] = (node_value(graph.nodes[t]), t)
+        text = rp.delimiter.join(path_to(graph, t, root).steps)
+        side = good if a["correct"] else bad
+        n = int(a.get("count", 1) or 1)
+        if text in side:
+            side[text][2] += n
+        else:
+            side[text] = [target_value(a), t, n, ends_solution(a)]
 
-    def ranked(side: dict[str, tuple[float, Any]]) -> list[tuple[str, Any]]:
-        items = sorted(
-            side.items(),
-            key=lambda kv: (-kv[1][0] if math.isfinite(kv[1][0]) else math.inf, kv[1][1]),
-        )
-        return [(text, node) for text, (_, node) in items]
+    def ranked(side: dict[str, list[Any]]) -> list[Side]:
+        kept = [(text, v) for text, v in side.items() if math.isfinite(v[0])]
+        kept.sort(key=lambda kv: (-kv[1][0], kv[1][1]))
+        return [(node, v, text, s, e) for text, (v, node, s, e) in kept]
 
     g, b = ranked(good), ranked(bad)
+    dropped["no_value_target"] += len(good) * len(bad) - len(g) * len(b)
     combos = sorted(
         itertools.product(range(len(g)), range(len(b))), key=lambda ij: (ij[0] + ij[1], ij[0])
     )
-    if max_pairs is not None:
-        combos = combos[:max_pairs]
-    prompt = make_prompt(question)
-    return [
-        {
-            "prompt": prompt,
-            "chosen": g[i][0],
-            "rejected": b[j][0],
-            "kind": "trajectory",
-            "gap": 1.0,
-            "chosen_value": 1.0,
-            "rejected_value": 0.0,
-            "problem_id": pid,
-            "algorithm": algo,
-            "question": question,
-            "prefix_steps": [],
-            "parent_node": None,
-            "chosen_node": int(g[i][1]),
-            "rejected_node": int(b[j][1]),
-        }
-        for i, j in combos
-    ]
+    kept = [(i, j) for i, j in combos if g[i][1] > b[j][1] and g[i][1] - b[j][1] >= margin]
+    dropped["margin"] += len(combos) - len(kept)
+    if max_pairs is not None and len(kept) > max_pairs:
+        dropped["max_pairs"] += len(kept) - max_pairs
+        kept = kept[:max_pairs]
+    meta = (pid, algo, question)
+    return [_pair(rp, meta, "trajectory", [], g[i], b[j], None) for i, j in kept]
 
 
 def stepwise_rows(
     graph: nx.DiGraph, row: dict[str, Any] | None = None, *, label_threshold: float = 0.5
 ) -> tuple[list[dict[str, Any]], int]:
-    """PRM rows (one per root-to-terminal path) and how many paths were skipped for lack of values."""
+    """PRM rows (one per root-to-terminal path) and how many paths were skipped because a
+    step on them has no value target."""
     pid, algo, question, _ = _meta(graph, row)
+    rp = run_prompting(row, graph)
     root = find_root(graph)
     out, skipped = [], 0
     for t in terminal_nodes(graph):
         p = path_to(graph, t, root)
-        values = [node_value(graph.nodes[n]) for n in p.nodes]
+        values = [target_value(graph.nodes[n]) for n in p.nodes]
         if not values or not all(math.isfinite(v) for v in values):
             skipped += 1
             continue
         out.append(
             {
-                "prompt": question,
+                "prompt": rp.messages(question),
                 "completions": list(p.steps),
                 "labels": [v >= label_threshold for v in values],
                 "values": values,
+                "value_kind": rp.value_kind,
+                "prompt_text": question,
+                "system_prompt": rp.system,
+                "system_prompt_source": rp.system_source,
                 "problem_id": pid,
                 "algorithm": algo,
                 "correct": _opt_bool(graph.nodes[t].get("correct")),
@@ -281,6 +446,32 @@ def stepwise_rows(
             }
         )
     return out, skipped
+
+
+def pretokenize_pair(row: dict[str, Any], tokenizer: Any) -> dict[str, list[int]]:
+    """prompt_ids / chosen_ids / rejected_ids of one pairs_dpo row, as the policy saw them.
+
+    prompt: the chat template over the system + user messages with the generation prompt
+    on, then the begun assistant turn (the prefix steps), encoded without added special
+    tokens, as the generators render and encode it; each side: its text's tokens, then
+    tokenizer.eos_token_id only where that side ends the solution (the EOS policy above)."""
+    msgs = [dict(m) for m in row["prompt"]]
+    prefix = msgs.pop()["content"] if msgs and msgs[-1]["role"] == "assistant" else ""
+    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    def encode(s: str) -> list[int]:
+        return list(tokenizer(s, add_special_tokens=False)["input_ids"])
+
+    def side(messages: Any, eos: bool) -> list[int]:
+        (m,) = list(messages)
+        ids = encode(m["content"])
+        return ids + [int(tokenizer.eos_token_id)] if eos else ids
+
+    return {
+        "prompt_ids": encode(text + prefix),
+        "chosen_ids": side(row["chosen"], bool(row["chosen_eos"])),
+        "rejected_ids": side(row["rejected"], bool(row["rejected_eos"])),
+    }
 
 
 def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:

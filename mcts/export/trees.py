@@ -101,13 +101,14 @@ def _finite(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def node_value(attrs: dict[str, Any]) -> float:
-    """The value a node is judged by: value_target when set, else q, else NaN."""
+def node_value(attrs: dict[str, Any], *, q_fallback: bool = True) -> float:
+    """The value a node is judged by: value_target when set, else q (unless q_fallback is
+    False: the training tables never mix the two scales), else NaN."""
     vt = attrs.get("value_target")
     if _finite(vt):
         return float(vt)
     q = attrs.get("q")
-    return float(q) if _finite(q) else math.nan
+    return float(q) if q_fallback and _finite(q) else math.nan
 
 
 def find_root(graph: nx.DiGraph) -> Any:
