@@ -123,6 +123,25 @@ class FakePRM:
         return out
 
 
+def fake_config(**overrides):
+    """A SearchConfig sized for the planted world (three steps, one-token words)."""
+    from mcts.config import SearchConfig
+
+    base = dict(
+        token_budget=120,
+        step_max_tokens=4,
+        solution_max_tokens=12,
+        min_step_tokens=2,
+        max_depth=3,
+        n_children=4,
+        samples_per_wave=4,
+        n_beams=6,
+        beam_width=3,
+    )
+    base.update(overrides)
+    return SearchConfig(**base)
+
+
 def problems(n: int) -> list[Problem]:
     return [Problem(id=f"p{i}", question=f"Planted problem {i}?", answer=RIGHT) for i in range(n)]
 

@@ -19,7 +19,7 @@ from mcts.types import Problem
 from rewards.base import RewardError
 from rewards.learned import LearnedValue
 from rewards.value_model import ValueHeadConfig
-from tests.fakes import RIGHT, FakePRM, FeatureFakeGenerator
+from tests.fakes import RIGHT, FakePRM, FeatureFakeGenerator, fake_config
 
 
 def planted(prefix: str, n: int) -> list[Problem]:
@@ -30,19 +30,7 @@ def planted(prefix: str, n: int) -> list[Problem]:
 
 
 def scfg(**kw) -> SearchConfig:
-    base = dict(
-        token_budget=60,
-        step_max_tokens=4,
-        solution_max_tokens=12,
-        min_step_tokens=2,
-        max_depth=3,
-        n_children=4,
-        samples_per_wave=4,
-        n_beams=4,
-        beam_width=2,
-    )
-    base.update(kw)
-    return SearchConfig(**base)
+    return fake_config(**{**dict(token_budget=60, n_beams=4, beam_width=2), **kw})
 
 
 def icfg(**kw) -> ImproveConfig:

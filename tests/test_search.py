@@ -9,25 +9,13 @@ import pytest
 
 from mcts.config import SearchConfig
 from mcts.search import Search, SearchError, search
-from tests.fakes import RIGHT, FakeGenerator, FakePRM, problems
+from tests.fakes import RIGHT, FakeGenerator, FakePRM, fake_config, problems
 
 ALGOS = ["mcts", "rest_mcts", "best_of_n", "self_consistency", "beam", "dvts"]
 
 
 def cfg(**kw) -> SearchConfig:
-    base = dict(
-        token_budget=120,
-        step_max_tokens=4,
-        solution_max_tokens=12,
-        min_step_tokens=2,
-        max_depth=3,
-        n_children=4,
-        samples_per_wave=4,
-        n_beams=6,
-        beam_width=3,
-    )
-    base.update(kw)
-    return SearchConfig(**base)
+    return fake_config(**kw)
 
 
 def test_mcts_finds_planted_path_that_greedy_misses():

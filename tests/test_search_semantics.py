@@ -15,23 +15,11 @@ from mcts.search import Search, search, step_priors
 from mcts.targets import rest_targets
 from mcts.types import Generation, Problem, Step, StepRequest, Usage
 from rewards.rollout import MCRollout
-from tests.fakes import FakeGenerator, FakePRM, problems
+from tests.fakes import FakeGenerator, FakePRM, fake_config, problems
 
 
 def cfg(**kw) -> SearchConfig:
-    base = dict(
-        token_budget=120,
-        step_max_tokens=4,
-        solution_max_tokens=12,
-        min_step_tokens=2,
-        max_depth=3,
-        n_children=4,
-        samples_per_wave=4,
-        n_beams=6,
-        beam_width=3,
-    )
-    base.update(kw)
-    return SearchConfig(**base)
+    return fake_config(**kw)
 
 
 # -- 1. MCTS waves stay full ---------------------------------------------------------------

@@ -27,8 +27,8 @@ CORPUS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok():
+def tiny_tokenizer():
+    """A byte-level BPE with a ChatML template, trained offline on CORPUS (no hub)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -46,6 +46,11 @@ def tok():
     )
     fast.chat_template = CHATML
     return fast
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
 
 
 def _model(tok, seed: int = 0):
