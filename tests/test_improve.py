@@ -71,13 +71,18 @@ def test_loop_trains_on_the_search_targets_and_reports_paired(tmp_path):
     # The labels are exactly the value targets the TRAIN trees export in traces.parquet.
     labels = LabelSet.load(rd / "labels.npz")
     assert labels.y.size > 20 and labels.meta["label_source"] == "reference"
+    # splits of the head's training are by question text (repeats share a side)
+    questions = {" ".join(p.question.split()).lower(): p.id for p in SPLITS.train}
+    assert all(
+        questions[g] == pid for g, pid in zip(labels.groups, labels.problem_ids, strict=True)
+    )
     traces = pq.read_table(rd / "train" / "traces.parquet").to_pylist()
     exported = {
         (t["problem_id"], n): v
         for t in traces
         for n, v in zip(t["node_ids"], t["value_target"], strict=True)
     }
-    for pid, node, y in zip(labels.groups, labels.nodes, labels.y, strict=True):
+    for pid, node, y in zip(labels.problem_ids, labels.nodes, labels.y, strict=True):
         if (str(pid), int(node)) in exported:
             assert exported[(str(pid), int(node))] == pytest.approx(y)
     # Rewards never saw an EVAL reference; TRAIN searches did get theirs (labels need them).

@@ -31,12 +31,14 @@ LABEL_SOURCE = "reference"
 
 @dataclass
 class LabelSet:
-    """Arrays aligned by row: features X, targets y, weights w, problem ids, node ids."""
+    """Arrays aligned by row: features X, targets y, weights w, groups (the problem's
+    question text: the unit of every train/validation split), problem ids, node ids."""
 
     X: np.ndarray
     y: np.ndarray
     weights: np.ndarray
     groups: np.ndarray
+    problem_ids: np.ndarray
     nodes: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -51,6 +53,7 @@ class LabelSet:
                     y=self.y,
                     weights=self.weights,
                     groups=self.groups.astype(str),
+                    problem_ids=self.problem_ids.astype(str),
                     nodes=self.nodes,
                 )
 
@@ -62,7 +65,7 @@ class LabelSet:
     def load(cls, path: Path) -> LabelSet:
         try:
             with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in ("X", "y", "weights", "groups", "nodes")}
+                arrays = {k: z[k] for k in ("X", "y", "weights", "groups", "problem_ids", "nodes")}
         except (OSError, ValueError, KeyError) as exc:
             raise ValueError(
                 f"{path}: not a label set written by mcts.improve ({exc}); delete it and rerun "
@@ -95,6 +98,7 @@ def label_rows(run_dir: str | Path, algorithm: str, *, min_support: int = 1) -> 
     y: list[float] = []
     w: list[float] = []
     groups: list[str] = []
+    pids: list[str] = []
     nodes: list[int] = []
     counts = {"problems": 0, "no_features": 0, "no_target": 0, "low_support": 0, "rows": 0}
     for row in log.rows():
@@ -108,6 +112,9 @@ def label_rows(run_dir: str | Path, algorithm: str, *, min_support: int = 1) -> 
             continue
         g = load_tree(tree_path(run_dir, pid, algorithm))
         F = load_features(fp)
+        # Rows are grouped by question text, not id: a small task space repeats questions
+        # under other ids, and held-out rows must not share a question with training rows.
+        group = " ".join(str(row.get("question") or pid).split()).lower()
         sup = _support(g)
         for n, d in g.nodes(data=True):
             if n == 0:
@@ -125,7 +132,8 @@ def label_rows(run_dir: str | Path, algorithm: str, *, min_support: int = 1) -> 
             X.append(F[n])
             y.append(float(v))
             w.append(sup[n])
-            groups.append(pid)
+            groups.append(group)
+            pids.append(pid)
             nodes.append(int(n))
     counts["rows"] = len(y)
     dim = X[0].shape[0] if X else 0
@@ -134,6 +142,7 @@ def label_rows(run_dir: str | Path, algorithm: str, *, min_support: int = 1) -> 
         y=np.asarray(y, dtype=np.float64),
         weights=np.asarray(w, dtype=np.float64),
         groups=np.asarray(groups, dtype=str),
+        problem_ids=np.asarray(pids, dtype=str),
         nodes=np.asarray(nodes, dtype=np.int64),
         meta={
             "run_dir": str(run_dir),
