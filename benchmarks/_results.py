@@ -11,7 +11,8 @@ def write_section(title: str, body: str, path: Path = RESULTS) -> None:
     """Replace the `## title` section (up to the next `## `) with `body`, or append it."""
     section = f"## {title}\n\n{body.strip()}\n"
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find(f"## {title}")
+    # The whole heading line: "## Budget curves" must not match "## Budget curves, engine 1".
+    start = text.find(f"## {title}\n")
     if start >= 0:
         end = text.find("\n## ", start + 1)
         text = text[:start] + section + (text[end:] if end >= 0 else "")
