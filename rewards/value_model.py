@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from mcts.export.io import atomic_write
 
 __all__ = [
     "FORMAT",
@@ -334,20 +335,8 @@ class ValueHead:
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{key} must be JSON-serialisable: {exc}") from None
         text = json.dumps(header, allow_nan=False)
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".value_head.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save({"header": text, "state_dict": self._net.state_dict()}, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        state = {"header": text, "state_dict": self._net.state_dict()}
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
         self.feature_identity = dict(feature_identity)
         self.data_fingerprint = data_fingerprint
         self.meta = dict(meta or {})
