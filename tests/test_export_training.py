@@ -187,12 +187,13 @@ def _tiny_tokenizer():
 def test_trl_tokenization_follows_the_eos_policy(tmp_path):
     pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     import copy
     import types
 
-    from transformers import LlamaConfig, LlamaForCausalLM
     from trl import DPOConfig, DPOTrainer
+
+    from tests.test_transformers_generator import _model as tiny_llama
 
     tok = _tiny_tokenizer()
     eos = tok.eos_token_id
@@ -247,19 +248,7 @@ def test_trl_tokenization_follows_the_eos_policy(tmp_path):
         def _prepare_dataset(self, dataset, *a, **k):
             return dataset
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=eos,
-        pad_token_id=tok.pad_token_id,
-    )
-    model = LlamaForCausalLM(cfg)
+    model = tiny_llama(tok)  # the tiny random Llama of the generator tests, seed 0
     trainer = PreTokenizedDPOTrainer(
         model=model,
         ref_model=copy.deepcopy(model),
