@@ -567,8 +567,6 @@ def search(
         reward.check_problems(problems)  # e.g. a verifier without reference answers: fail now
     from contextlib import ExitStack
 
-    from mcts.generators.counting import count_calls
-
     log = None
     stamp: dict[str, Any] = {}  # the fingerprint fields every results row carries
     with ExitStack() as held:
@@ -596,8 +594,7 @@ def search(
             if log is not None:
                 log.append(res, extra=stamp)
 
-        # count_calls: each row's tokens_calls = the generator calls (waves) that included it
-        engine = Search(count_calls(generator), reward, cfg, on_result=on_result, progress=progress)
+        engine = Search(generator, reward, cfg, on_result=on_result, progress=progress)
         t0 = time.perf_counter()
         results = engine.run(problems)
         wall = time.perf_counter() - t0

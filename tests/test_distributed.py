@@ -34,7 +34,6 @@ from mcts.distributed import (
     distributed_search,
     make_chunks,
 )
-from mcts.generators.counting import count_calls
 from mcts.search import Search, search
 from tests.fakes import FakeGenerator, FakePRM, problems
 
@@ -130,10 +129,9 @@ def test_per_problem_results_do_not_depend_on_batching(algorithm):
     )
     ps = problems(7)
     reward = None if algorithm == "self_consistency" else FakePRM()
-    # count_calls: as search() and SearchWorker do (tokens_calls counts waves per problem)
-    whole = rows(Search(count_calls(FakeGenerator()), reward, cfg).run(ps))
+    whole = rows(Search(FakeGenerator(), reward, cfg).run(ps))
     one = SearchConfig(**{**cfg.__dict__, "max_live_trees": 1})
-    alone = rows(Search(count_calls(FakeGenerator()), reward, one).run(ps[::-1]))
+    alone = rows(Search(FakeGenerator(), reward, one).run(ps[::-1]))
     three = SearchConfig(**{**cfg.__dict__, "max_live_trees": 3})
     worker = SearchWorker(FakeGenerator, FakePRM if reward else None, three)
     chunked = {}

@@ -16,7 +16,6 @@ from typing import Any
 
 from mcts.config import SearchConfig
 from mcts.distributed.factories import Spec, build_generator, build_reward
-from mcts.generators.counting import count_calls
 from mcts.results import ProblemResult
 from mcts.search import Search
 from mcts.types import Problem
@@ -40,8 +39,7 @@ class SearchWorker:
         self.generator = build_generator(generator_spec)
         self.reward = build_reward(reward_spec, self.generator)
         self.cfg = cfg
-        # count_calls: each result's tokens_calls = the generator calls that included it
-        self.engine = Search(count_calls(self.generator), self.reward, cfg)
+        self.engine = Search(self.generator, self.reward, cfg)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def info(self) -> dict[str, Any]:

@@ -10,6 +10,8 @@ so by that convention only the problem of a wave's first request was ever charge
 problem's usage counts the calls that held at least one of its requests: with one generator
 call per wave, the waves it took part in. Calls made by a reward (a judge's `logprob_of`,
 rollouts) are reward costs and are not counted here.
+`mcts.search.Search` wraps the generator it is given, so search(), the Ray workers and a
+user's own Search count the same way.
 """
 
 from __future__ import annotations
