@@ -13,7 +13,7 @@ import pytest
 from mcts.config import SearchConfig
 from mcts.improve import ImproveConfig, run_improve
 from mcts.improve.labels import LabelSet
-from mcts.improve.splits import SplitError, Splits, make_splits
+from mcts.improve.splits import SplitError, Splits, make_splits, question_key
 from mcts.search import search
 from mcts.types import Problem
 from rewards.base import RewardError
@@ -72,7 +72,7 @@ def test_loop_trains_on_the_search_targets_and_reports_paired(tmp_path):
     labels = LabelSet.load(rd / "labels.npz")
     assert labels.y.size > 20 and labels.meta["label_source"] == "reference"
     # splits of the head's training are by question text (repeats share a side)
-    questions = {" ".join(p.question.split()).lower(): p.id for p in SPLITS.train}
+    questions = {question_key(p.question): p.id for p in SPLITS.train}
     assert all(
         questions[g] == pid for g, pid in zip(labels.groups, labels.problem_ids, strict=True)
     )

@@ -25,6 +25,7 @@ import numpy as np
 from mcts.export.io import atomic_write, atomic_write_text
 from mcts.export.results_log import ResultsLog
 from mcts.export.trees import features_path, load_features, load_tree, tree_path
+from mcts.improve.splits import question_key
 
 LABEL_SOURCE = "reference"
 
@@ -114,7 +115,7 @@ def label_rows(run_dir: str | Path, algorithm: str, *, min_support: int = 1) -> 
         F = load_features(fp)
         # Rows are grouped by question text, not id: a small task space repeats questions
         # under other ids, and held-out rows must not share a question with training rows.
-        group = " ".join(str(row.get("question") or pid).split()).lower()
+        group = question_key(str(row.get("question") or pid))
         sup = _support(g)
         for n, d in g.nodes(data=True):
             if n == 0:

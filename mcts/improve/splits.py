@@ -86,5 +86,10 @@ def check_disjoint(splits: Splits) -> None:
         )
 
 
+def question_key(question: str) -> str:
+    """What makes two questions the same: their words, case-folded (whitespace ignored)."""
+    return " ".join(question.split()).lower()
+
+
 def _text(p: Problem) -> str:
-    return " ".join(p.question.split()).lower()
+    return question_key(p.question)
