@@ -45,6 +45,7 @@ import numpy as np
 from mcts.algorithms.base import Children, Expansion
 from mcts.algorithms.voting import vote
 from mcts.config import SearchConfig
+from mcts.state import request_seed
 
 if TYPE_CHECKING:
     from mcts.state import BatchState
@@ -120,8 +121,6 @@ class MCTSPolicy:
         if self.cfg.dirichlet_alpha > 0:
             # Each root's noise comes from its own problem's seed, so it does not depend on
             # which problems share the batch (or the Ray worker).
-            from mcts.state import request_seed
-
             for c in children:
                 t = c.expansion.tree
                 if c.expansion.node == 0 and t not in self.noised:
