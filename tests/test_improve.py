@@ -103,6 +103,39 @@ def test_loop_trains_on_the_search_targets_and_reports_paired(tmp_path):
     assert (tmp_path / "report.png").stat().st_size > 1000
 
 
+def test_train_reward_guides_train_only_and_baseline_budgets(tmp_path):
+    # improve.train_reward searches TRAIN; the configured reward stays the EVAL baseline,
+    # run only at improve.baseline_budgets.
+    train_prm, base_prm = SpyPRM(), SpyPRM()
+    report = run_improve(
+        icfg(budgets=[40, 60], baseline_budgets=[40]),
+        scfg(),
+        FeatureFakeGenerator(),
+        base_prm,
+        tmp_path,
+        splits=SPLITS,
+        train_reward=train_prm,
+    )
+    assert train_prm.seen and all(pid.startswith("train") for pid, _, _ in train_prm.seen)
+    assert base_prm.seen and all(pid.startswith("eval") for pid, _, _ in base_prm.seen)
+    budgets = {(r["reward"], r["budget"]) for r in report["records"]}
+    assert budgets == {("SpyPRM", 40), ("learned_r0", 40), ("learned_r0", 60)}
+    assert not (tmp_path / "eval" / "SpyPRM" / "mcts-60").exists()
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(baseline_budgets=[]), "improve.baseline_budgets"),
+        (dict(baseline_budgets=[0]), "improve.baseline_budgets"),
+        (dict(train_reward={"path": "x"}), "improve.train_reward"),
+    ],
+)
+def test_bad_improve_settings_are_named(bad, match):
+    with pytest.raises(ValueError, match=match):
+        icfg(**bad).validate()
+
+
 def test_loop_resumes_each_stage_without_redoing_work(tmp_path):
     # Killed mid-TRAIN search (the generator dies on its 4th call).
     with pytest.raises(Exception, match="backend died"):

@@ -48,8 +48,25 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     scfg = SearchConfig.from_dict(OmegaConf.to_container(cfg.search, resolve=True))
     gen = make_generator(OmegaConf.to_container(cfg.generator, resolve=True))
     reward = make_reward(OmegaConf.to_container(cfg.reward, resolve=True), gen)
+    train_reward = make_reward(dict(icfg.train_reward), gen) if icfg.train_reward else None
+    gen_cfg = OmegaConf.to_container(cfg.generator, resolve=True)
+
+    def policy_generator(gguf: Path) -> Any:
+        """The fine-tuned policy, served like the first one (same settings, new weights)."""
+        return make_generator({**gen_cfg, "model_path": str(gguf)})
+
     task = OmegaConf.to_container(cfg.task, resolve=True)
-    return run_improve(icfg, scfg, gen, reward, out_dir, task=task, progress=bool(cfg.progress))
+    return run_improve(
+        icfg,
+        scfg,
+        gen,
+        reward,
+        out_dir,
+        task=task,
+        progress=bool(cfg.progress),
+        train_reward=train_reward,
+        policy_generator=policy_generator,
+    )
 
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="improve")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,10 @@ from typing import Any
 from mcts.config import SearchConfig
 from mcts.export.io import atomic_write_text
 from mcts.improve.labels import LabelSet, label_rows
+from mcts.improve.policy import PolicyConfig
 from mcts.improve.splits import Splits, check_disjoint, make_splits
+from mcts.prompts import DEFAULT_SYSTEM
+from mcts.report import write_index_safely, write_report_safely
 from mcts.types import Generator, Reward
 from rewards.value_model import ValueHead, ValueHeadConfig, data_fingerprint, train_value_head
 
@@ -46,7 +50,9 @@ METHODS = {  # reported method -> (run, pick in the run's `picks`, None = its ow
     "bon_prm": ("best_of_n", "prm_max"),
     "weighted_vote": ("best_of_n", "weighted_vote"),
     "self_consistency": ("best_of_n", "vote"),
+    "greedy": ("greedy", None),  # the policy stage's own evaluation (policy_eval.py)
 }
+POLICY_TAG = "policy_r"  # eval/policy_r<k>/: the round-k policy, reward `none`
 
 
 @dataclass
@@ -64,7 +70,14 @@ class ImproveConfig:
     budgets: list[int] = field(default_factory=lambda: [128, 256])
     eval_runs: list[str] = field(default_factory=lambda: list(EVAL_RUNS))
     baseline: bool = True  # round 0 also searches EVAL with the configured reward
+    baseline_budgets: list[int] | None = None  # budgets of that baseline (None: `budgets`)
+    # Round 0's TRAIN search reward (a reward config, e.g. {name: verifier}); empty: the
+    # configured reward. TRAIN references may guide it (rStar-Math's first round backs up
+    # verified terminals): labels come from verified terminals either way, and EVAL never
+    # sees a reference. Rows record reward_uses_reference.
+    train_reward: dict[str, Any] = field(default_factory=dict)  # {}: the configured reward
     head: ValueHeadConfig = field(default_factory=ValueHeadConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)  # method none: no policy stage
 
     def validate(self) -> None:
         def bad(name: str, msg: str) -> ValueError:
@@ -78,10 +91,33 @@ class ImproveConfig:
             raise bad(
                 "budgets", f"must be a non-empty list of positive token budgets: {self.budgets}"
             )
+        if self.baseline_budgets is not None and (
+            not self.baseline_budgets or any(b < 1 for b in self.baseline_budgets)
+        ):
+            raise bad(
+                "baseline_budgets",
+                f"must be null (= budgets) or a non-empty list of positive budgets: "
+                f"{self.baseline_budgets}",
+            )
+        if self.train_reward and not (
+            isinstance(self.train_reward, dict) and self.train_reward.get("name")
+        ):
+            raise bad(
+                "train_reward",
+                f"must be empty (= the configured reward) or a reward config with a name, "
+                f"e.g. {{name: verifier}}; got {self.train_reward!r}",
+            )
         unknown = sorted(set(self.eval_runs) - set(EVAL_RUNS))
         if unknown:
             raise bad("eval_runs", f"unknown {unknown}; choose from {list(EVAL_RUNS)}")
         self.head.validate()
+        self.policy.validate()
+        if self.policy.method != "none" and self.rounds != 1:
+            raise bad(
+                "rounds",
+                "the policy stage runs with rounds=1 (a second round would need the new "
+                "policy's own value labels); set improve.rounds=1",
+            )
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -98,8 +134,17 @@ def run_improve(
     task: Any = None,
     splits: Splits | None = None,
     progress: bool = False,
+    train_reward: Reward | None = None,
+    policy_generator: Callable[[Path], Generator] | None = None,
+    base_hf: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every stage; returns the report (also written to out_dir).
+
+    train_reward: guides round 0's TRAIN search instead of reward0 (improve.train_reward);
+    reward0 stays the EVAL baseline. improve.policy.method sft|dpo adds the policy stage:
+    fine-tune `base_hf` (the policy's HF folder; default: the llama.cpp GGUF converted) on
+    the TRAIN run, export a GGUF, and evaluate both policies (greedy, self-consistency) with
+    the generator `policy_generator(gguf_path)` builds (same settings, new weights).
 
     TRAIN and EVAL come from `task` (a reasoning-gym task, drawn with improve.train_seed and
     improve.eval_seed) or are given as `splits` (your own files); either way they are
@@ -138,6 +183,7 @@ def run_improve(
     _write_json(out / "splits.json", {**asdict(cfg), **splits.describe()})
     reward, tag = reward0, _tag(reward0)
     for r in range(cfg.rounds):
+        search_reward = train_reward if (r == 0 and train_reward is not None) else reward
         rd = out / f"round{r}"
         train_cfg = replace(
             search_cfg,
@@ -145,30 +191,60 @@ def run_improve(
             value_target=cfg.value_target,
             hide_references=False,
         )
-        log.info("round %d: searching %d TRAIN problems (%s)", r, len(splits.train), tag)
-        search(
+        log.info(
+            "round %d: searching %d TRAIN problems (%s)",
+            r,
+            len(splits.train),
+            _tag(search_reward) if search_reward is not reward else tag,
+        )
+        res = search(
             splits.train,
             generator,
-            reward,
+            search_reward,
             train_cfg,
             rd / "train",
             progress,
             task_config=task_of["train"],
         )
+        write_report_safely(rd / "train", summary=res.summary)  # report.html of the stage
         labels = _labels(rd, train_cfg.algorithm, cfg.min_support)
         head_path = _value(rd, labels, cfg.head, generator)
+        policies: list[tuple[str, Generator]] = []
+        if cfg.policy.method != "none":  # cheap to train; greedy first, sampling last
+            gguf = _policy(rd, train_cfg.algorithm, cfg.policy, generator, base_hf)
+            if policy_generator is None:
+                raise ValueError("the policy stage needs policy_generator (a GGUF -> Generator)")
+            policies = [
+                (f"{POLICY_TAG}{r}", generator),
+                (f"{POLICY_TAG}{r + 1}", policy_generator(gguf)),
+            ]
+            for ptag, gen in policies:
+                _evaluate_greedy(out, splits.eval, gen, ptag, search_cfg)
         if r == 0 and cfg.baseline:
             _evaluate(
-                out, splits.eval, generator, reward, tag, search_cfg, cfg, progress, task_of["eval"]
+                out,
+                splits.eval,
+                generator,
+                reward,
+                tag,
+                search_cfg,
+                cfg,
+                progress,
+                task_of["eval"],
+                budgets=cfg.baseline_budgets,
             )
         reward = LearnedValue(generator, str(head_path))
         tag = f"learned_r{r}"
         _evaluate(
             out, splits.eval, generator, reward, tag, search_cfg, cfg, progress, task_of["eval"]
         )
+        for ptag, gen in policies:
+            _evaluate_votes(out, splits.eval, gen, ptag, search_cfg, cfg, progress, task_of["eval"])
     from mcts.improve.report import write_report
 
-    return write_report(out, splits.eval, cfg)
+    report = write_report(out, splits.eval, cfg)
+    write_index_safely(out)  # index.html: every stage's report.html, the loop's plot
+    return report
 
 
 def _task_dict(task: Any) -> dict[str, Any]:
@@ -224,6 +300,87 @@ def _value(rd: Path, labels: LabelSet, head_cfg: ValueHeadConfig, generator: Any
     return path
 
 
+def _policy(
+    rd: Path, algorithm: str, pcfg: PolicyConfig, generator: Any, base_hf: str | Path | None
+) -> Path:
+    """Data from the TRAIN run, then train + export (each reused when up to date)."""
+    from mcts.improve.policy import tokenizer_sha256, train_policy, write_data
+
+    if base_hf is None:
+        path = getattr(generator, "path", None)
+        if path is None or not str(path).endswith(".gguf"):
+            raise ValueError(
+                "the policy stage fine-tunes a HF folder: pass base_hf, or use a llama_cpp "
+                "generator (its GGUF is converted once, mcts.generators.convert)"
+            )
+        from mcts.generators.convert import convert_gguf
+
+        base_hf = convert_gguf(path)
+    pol = rd / "policy"
+    pol.mkdir(parents=True, exist_ok=True)
+    _, header = write_data(rd / "train", algorithm, pcfg, pol, tokenizer_sha256(base_hf))
+    log.info("policy data: %s", header["counts"])
+    rec = train_policy(pol / "data.jsonl", base_hf, pol, pcfg)
+    log.info(
+        "policy: %s rows, %.0f s, loss %s -> %s",
+        rec["rows"],
+        rec["train_seconds"],
+        rec["loss_first"],
+        rec["loss_last"],
+    )
+    return Path(rec["gguf"])
+
+
+def _evaluate_greedy(
+    out: Path, problems: list, generator: Generator, tag: str, search_cfg: SearchConfig
+) -> None:
+    """One greedy solution per EVAL problem (policy_eval.py)."""
+    from mcts.improve.policy_eval import greedy_eval
+
+    ident = getattr(generator, "identity", None)
+    log.info("eval %s greedy", tag)
+    greedy_eval(
+        problems,
+        generator,
+        out / "eval" / tag / "greedy-0",
+        system=search_cfg.system_prompt if search_cfg.system_prompt is not None else DEFAULT_SYSTEM,
+        max_tokens=search_cfg.solution_max_tokens,
+        extra={"generator": ident() if callable(ident) else type(generator).__name__},
+    )
+
+
+def _evaluate_votes(
+    out: Path,
+    problems: list,
+    generator: Generator,
+    tag: str,
+    search_cfg: SearchConfig,
+    cfg: ImproveConfig,
+    progress: bool,
+    task_config: dict[str, Any] | None,
+) -> None:
+    """Self-consistency at every budget: best-of-N sampling, reward `none`, the vote pick."""
+    from mcts.search import search
+    from rewards.constant import ConstantReward
+
+    for budget in cfg.budgets:
+        ecfg = replace(
+            search_cfg,
+            algorithm="best_of_n",
+            bon_aggregation="prm_max",
+            token_budget=budget,
+            solution_max_tokens=min(search_cfg.solution_max_tokens, budget),
+            hide_references=True,
+            value_target="auto",
+        )
+        log.info("eval %s self-consistency budget %d", tag, budget)
+        run_dir = out / "eval" / tag / f"best_of_n-{budget}"
+        res = search(
+            problems, generator, ConstantReward(), ecfg, run_dir, progress, task_config=task_config
+        )
+        write_report_safely(run_dir, summary=res.summary)
+
+
 def _evaluate(
     out: Path,
     problems: list,
@@ -234,10 +391,11 @@ def _evaluate(
     cfg: ImproveConfig,
     progress: bool,
     task_config: dict[str, Any],
+    budgets: list[int] | None = None,
 ) -> None:
     from mcts.search import search
 
-    for budget in cfg.budgets:
+    for budget in budgets or cfg.budgets:
         for run in cfg.eval_runs:
             extra: dict[str, Any] = {"algorithm": run}
             if run == "best_of_n":
@@ -251,7 +409,7 @@ def _evaluate(
                 **extra,
             )
             log.info("eval %s %s budget %d", tag, run, budget)
-            search(
+            res = search(
                 problems,
                 generator,
                 reward,
@@ -260,3 +418,4 @@ def _evaluate(
                 progress,
                 task_config=task_config,
             )
+            write_report_safely(out / "eval" / tag / f"{run}-{budget}", summary=res.summary)

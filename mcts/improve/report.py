@@ -28,15 +28,20 @@ def _rows(run_dir: Path, algorithm: str) -> dict[str, dict[str, Any]]:
 
 def collect(out: Path, eval_problems: list[Problem], budgets: list[int]) -> list[dict[str, Any]]:
     """One record per (reward tag, method, budget) with its per-problem outcomes."""
-    from mcts.improve.loop import METHODS
+    from mcts.improve.loop import METHODS, POLICY_TAG
 
     ids = [p.id for p in eval_problems]
     recs = []
     eval_dir = out / "eval"
     tags = sorted(p.name for p in eval_dir.iterdir() if p.is_dir()) if eval_dir.exists() else []
     for tag in tags:
-        for budget in budgets:
+        policy = tag.startswith(POLICY_TAG)
+        for budget in [0, *budgets]:
             for method, (run, pick) in METHODS.items():
+                if (run == "greedy") != (budget == 0):
+                    continue  # greedy has no budget (one solution); every other run has one
+                if policy and method not in ("greedy", "self_consistency"):
+                    continue  # a policy's own runs use the reward `none`: only the vote counts
                 rows = _rows(eval_dir / tag / f"{run}-{budget}", run)
                 if not rows:
                     continue
@@ -91,7 +96,11 @@ def write_report(out: Path, eval_problems: list[Problem], cfg: Any) -> dict[str,
     """report.json, report.md and report.png in `out`; returns the report."""
     recs = collect(out, eval_problems, list(cfg.budgets))
     tags = sorted({r["reward"] for r in recs})
-    baseline = next((t for t in tags if not t.startswith("learned")), None)
+    from mcts.improve.loop import POLICY_TAG
+
+    baseline = next(
+        (t for t in tags if not t.startswith("learned") and not t.startswith(POLICY_TAG)), None
+    )
     index = {(r["reward"], r["method"], r["budget"]): r for r in recs}
     for r in recs:
         sc = next(
@@ -105,6 +114,12 @@ def write_report(out: Path, eval_problems: list[Problem], cfg: Any) -> dict[str,
         r["vs_self_consistency"] = None if r["method"] == "self_consistency" else _paired(r, sc)
         base = index.get((baseline, r["method"], r["budget"])) if baseline else None
         r["vs_baseline"] = _paired(r, base) if r["reward"] != baseline else None
+        # a fine-tuned policy against the one it was trained from (same method and budget)
+        prev = None
+        if r["reward"].startswith(POLICY_TAG):
+            k = int(r["reward"][len(POLICY_TAG) :])
+            prev = index.get((f"{POLICY_TAG}{k - 1}", r["method"], r["budget"]))
+        r["vs_previous_policy"] = _paired(r, prev)
     value = {}
     for mpath in sorted(out.glob("round*/value_metrics.json")):
         m = json.loads(mpath.read_text())
@@ -121,8 +136,14 @@ def write_report(out: Path, eval_problems: list[Problem], cfg: Any) -> dict[str,
                 "calibration",
             )
         }
+    policy = {}
+    for ppath in sorted(out.glob("round*/policy/trained.json")):
+        rec = json.loads(ppath.read_text())
+        rec.pop("key", None)
+        policy[ppath.parent.parent.name] = rec
     report = {
         "eval_problems": len(eval_problems),
+        "policy": policy,
         "baseline": baseline,
         "records": recs,
         "value_model": value,
@@ -147,15 +168,16 @@ def to_markdown(report: dict[str, Any]) -> str:
         "(wins/losses = problems only this method / only the other got right).",
         "",
         "| reward | method | budget | n | accuracy (95% CI) | vs self-consistency | "
-        "vs baseline reward | pass@k | gen tok | total tok |",
-        "|---|---|---:|---:|---|---|---|---:|---:|---:|",
+        "vs baseline reward | vs previous policy | pass@k | gen tok | total tok |",
+        "|---|---|---:|---:|---|---|---|---|---:|---:|---:|",
     ]
     for r in sorted(report["records"], key=lambda r: (r["budget"], r["method"], r["reward"])):
         lines.append(
             f"| {r['reward']} | {r['method']} | {r['budget']} | {r['n']}"
             f"{'' if r['complete'] else ' (partial)'} | {r['accuracy']:.3f} "
             f"({r['ci_low']:.3f}-{r['ci_high']:.3f}) | {_fmt_test(r['vs_self_consistency'])} | "
-            f"{_fmt_test(r['vs_baseline'])} | {r['pass_at_k']:.3f} | {r['gen_tokens']:.0f} | "
+            f"{_fmt_test(r['vs_baseline'])} | {_fmt_test(r.get('vs_previous_policy'))} | "
+            f"{r['pass_at_k']:.3f} | {r['gen_tokens']:.0f} | "
             f"{r['total_tokens']:.0f} |"
         )
     for name, m in report["value_model"].items():
@@ -164,6 +186,13 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"Value model {name} on held-out TRAIN problems: AUC {m.get('auc')}, ECE "
             f"{m.get('ece')}, Brier {m.get('brier')} (n_train {m.get('n_train')}, n_val "
             f"{m.get('n_val')}, epochs {m.get('epochs_run')})."
+        )
+    for name, p in report.get("policy", {}).items():
+        lines.append("")
+        lines.append(
+            f"Policy {name}: {p.get('method')} on {p.get('rows')} rows {p.get('data_counts')}, "
+            f"{p.get('steps')} steps in {p.get('train_seconds')} s (peak RSS "
+            f"{p.get('peak_rss_mib')} MiB), loss {p.get('loss_first')} -> {p.get('loss_last')}."
         )
     return "\n".join(lines) + "\n"
 
