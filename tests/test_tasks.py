@@ -264,3 +264,16 @@ def test_probe_counts_greedy_and_pass_at_k():
     assert (
         got["pass_at_k_correct"] == 6 and got["sample_correct"] == 6 and got["sample_total"] == 12
     )
+
+
+def test_question_space_counts_repeats_by_question_key():
+    from omegaconf import OmegaConf
+
+    from mcts.tasks.probe import CONFIG_DIR, question_space
+
+    small = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "default.yaml"))
+    wide = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "arith2d.yaml"))
+    s, w = question_space(small, 600), question_space(wide, 600)
+    assert s["drawn"] == w["drawn"] == 600
+    # 1-digit a + b has ~19 x 19 plain questions: 600 draws must repeat; 1-2 digits rarely do
+    assert s["distinct"] < 450 < w["distinct"] <= 600

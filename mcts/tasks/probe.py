@@ -124,6 +124,16 @@ def native_greedy(
     }
 
 
+def question_space(cfg: dict[str, Any], n: int = 1000) -> dict[str, Any]:
+    """How many distinct questions (mcts.improve's question_key) among n drawn: a task that
+    repeats cannot give disjoint TRAIN and EVAL splits of a few hundred problems each."""
+    from mcts.improve.splits import question_key
+    from mcts.tasks import load_task
+
+    qs = [question_key(p.question) for p in load_task({**cfg, "size": n})]
+    return {"drawn": n, "distinct": len(set(qs))}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
@@ -145,9 +155,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="greedy only, through llama.cpp's own decoding loop (llama_cpp backend)",
     )
+    ap.add_argument(
+        "--space",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only count distinct questions among N drawn (no model)",
+    )
     a = ap.parse_args(argv)
     cfg = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{a.task}.yaml"))
     cfg.update(size=a.size, seed=a.seed)
+    if a.space:
+        out = {"task": a.task, "seed": a.seed, **question_space(cfg, a.space)}
+        print(json.dumps(out))
+        return out
     problems = load_task(cfg)
     gcfg: dict[str, Any] = {"backend": a.backend}
     if a.n_threads is not None:
