@@ -84,6 +84,14 @@ def format_summary(summary: dict[str, Any]) -> str:
             "written                  "
             + ", ".join(f"{k}={v}" for k, v in ex.get("counts", {}).items())
         )
+    dist = summary.get("distributed") or {}
+    if dist.get("redealt_by_reason") or dist.get("poisoned_problems") or dist.get("nodes_lost"):
+        redealt = ", ".join(f"{k} {v}" for k, v in dist.get("redealt_by_reason", {}).items())
+        lines.append(
+            f"re-dealt chunks          {redealt or 'none'}; nodes lost "
+            f"{len(dist.get('nodes_lost') or [])}; poisoned problems "
+            f"{dist.get('poisoned_problems') or 'none'} (failed.jsonl)"
+        )
     if summary.get("reward_uses_reference"):
         lines.append(
             "NOTE: the reward reads the reference answer: accuracy is oracle-guided, "

@@ -202,3 +202,16 @@ def test_app_summary_json_survives_a_crash_while_it_is_written(tmp_path, fake_mo
         run(_compose([*FAST, "task.size=3"]), tmp_path)
     assert (tmp_path / "summary.json").read_bytes() == before  # the old one, whole
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".summary.json")]
+
+
+def test_printed_summary_names_redealt_chunks_and_poisoned_problems():
+    base = dict(
+        problems=4, accuracy=0.5, pass_at_k=0.75, generated_tokens_per_problem=10.0,
+        prompt_tokens_per_problem=5.0, prefix_cache_hit_rate=0.5, reward_tokens_per_problem=0.0,
+        waves=3, generator_calls=3, mean_batch_per_call=2.0, seconds=1.0, overhead_share=0.1,
+    )  # fmt: skip
+    assert "re-dealt" not in format_summary(base)
+    dist = {"redealt_by_reason": {"node_lost": 2, "deadline": 1}, "nodes_lost": ["n1"],
+            "poisoned_problems": ["p7"]}  # fmt: skip
+    text = format_summary({**base, "distributed": dist})
+    assert "node_lost 2, deadline 1" in text and "nodes lost 1" in text and "p7" in text

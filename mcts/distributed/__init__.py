@@ -7,15 +7,12 @@
 Ray is imported only when workers > 0. See docs/distributed.md.
 """
 
-from mcts.distributed.chunks import Chunk, ChunkLedger, make_chunks
-from mcts.distributed.config import DistributedConfig
-from mcts.distributed.driver import (
-    DistributedError,
-    default_chunk_size,
-    distributed_search,
-    run_search,
-)
+from mcts.distributed.chunks import Chunk, ChunkLedger, Loss, default_chunk_size, make_chunks
+from mcts.distributed.config import REASONS, DistributedConfig
+from mcts.distributed.driver import distributed_search, run_search
+from mcts.distributed.errors import DistributedError
 from mcts.distributed.factories import build_generator, build_reward, check_spec
+from mcts.distributed.failed_log import FailedLog
 from mcts.distributed.worker import ChunkOutput, SearchWorker
 
 __all__ = [
@@ -24,6 +21,9 @@ __all__ = [
     "ChunkOutput",
     "DistributedConfig",
     "DistributedError",
+    "FailedLog",
+    "Loss",
+    "REASONS",
     "SearchWorker",
     "build_generator",
     "build_reward",

@@ -1,11 +1,15 @@
 """Sharded search on Ray: W worker actors, chunks dealt to whoever is free, results streamed
 back and appended to the same results.jsonl / exports as a single-process run.
 
-    driver: problems - done_ids -> chunks -> ChunkLedger
+    driver: problems - done_ids - failed.jsonl ids -> chunks -> ChunkLedger
               | deal one chunk to each free worker      (a slow worker holds only its own)
               | ray.wait: the first chunk back          (recorded at once: log.append)
-              | a dead worker: its chunk back to the front of the queue, a new worker
+              | a lost node / dead or hung worker: its chunk back to the queue, a new worker
+              | a problem failing on N workers: poisoned, appended to failed.jsonl
     worker: builds its own generator + reward from picklable recipes, Search.run(chunk)
+
+The Ray side (placement, deadlines, replacements) is mcts.distributed.fleet; this module is
+the run around it: the run directory, the fingerprint, the summary.
 
 Exactly once: a chunk's results come back in one message, so a chunk is recorded whole or
 not at all; the ledger refuses an id already recorded, and ResultsLog refuses a duplicate
@@ -14,8 +18,6 @@ line. A killed driver loses only chunks in flight: a rerun skips what results.js
 
 from __future__ import annotations
 
-import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -24,19 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from mcts.config import SearchConfig
-from mcts.distributed.chunks import ChunkLedger, make_chunks
+from mcts.distributed.chunks import default_chunk_size
 from mcts.distributed.config import DistributedConfig
+from mcts.distributed.errors import DistributedError
 from mcts.distributed.factories import Spec, build_generator, build_reward, check_spec
-from mcts.distributed.worker import ChunkOutput, SearchWorker
+from mcts.distributed.fleet import Fleet, import_ray, start_ray
+from mcts.distributed.worker import SearchWorker
 from mcts.results import ProblemResult
 from mcts.search import SearchResult, empty_stats, summarize
 from mcts.types import Problem
 
-log = logging.getLogger("mcts.distributed")
-
-
-class DistributedError(RuntimeError):
-    """The sharded run could not finish; what was recorded stays in results.jsonl."""
+__all__ = ["DistributedError", "default_chunk_size", "distributed_search", "run_search"]
 
 
 def _check_problems(problems: Sequence[Problem]) -> list[Problem]:
@@ -48,37 +48,6 @@ def _check_problems(problems: Sequence[Problem]) -> list[Problem]:
     if dup:
         raise ValueError(f"problem ids must be unique; duplicated: {dup[:5]}")
     return problems
-
-
-def _import_ray() -> Any:
-    try:
-        import ray
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError(
-            "distributed search needs Ray: pip install 'mcts-reason[ray]' (or 'ray[default]'), "
-            "or set distributed.workers=0 for the single-process search"
-        ) from e
-    return ray
-
-
-def default_chunk_size(n_problems: int, workers: int, cfg: SearchConfig) -> int:
-    """One search batch per chunk, but no fewer chunks than workers."""
-    return max(1, min(cfg.max_live_trees, math.ceil(n_problems / max(1, workers))))
-
-
-class _Stats:
-    def __init__(self) -> None:
-        self.search: dict[str, float] = {}
-        self.chunks = 0
-        self.worker_seconds = 0.0
-        self.round_trip_seconds = 0.0  # submit -> result in the driver's hands
-
-    def add(self, out: ChunkOutput, round_trip: float) -> None:
-        for k, v in out.stats.items():
-            self.search[k] = self.search.get(k, 0) + v
-        self.chunks += 1
-        self.worker_seconds += out.seconds
-        self.round_trip_seconds += round_trip
 
 
 def distributed_search(
@@ -93,7 +62,13 @@ def distributed_search(
     chunk_size: int | None = None,
     worker_cpus: float = 0.5,
     worker_gpus: float = 0.0,
+    worker_resources: dict[str, float] | None = None,
     max_worker_restarts: int = 3,
+    chunk_deadline_s: float | None = None,
+    deadline_min_tokens_per_s: float = 2.0,
+    deadline_grace_s: float = 300.0,
+    poison_after: int = 3,
+    retry_failed: bool = False,
     num_cpus: int | None = None,
     runtime_env: dict[str, Any] | None = None,
     namespace: str | None = None,
@@ -116,6 +91,10 @@ def distributed_search(
     directory before Ray starts, the models' identities (computed on a worker) before any
     chunk is dealt. When nothing is left to search no model is built, so only the search
     and task settings are checked.
+    Faults (see docs/distributed.md): a lost node or a crashed / hung worker (past its chunk
+    deadline) has its chunk re-dealt; a problem that crashes or hangs `poison_after` different
+    workers is skipped and appended to <run_dir>/failed.jsonl (a rerun skips it again unless
+    `retry_failed`). Counts by reason are in summary["distributed"].
     """
     dcfg = DistributedConfig(
         workers=workers,
@@ -123,7 +102,13 @@ def distributed_search(
         chunk_size=chunk_size,
         worker_cpus=worker_cpus,
         worker_gpus=worker_gpus,
+        worker_resources=worker_resources,
         max_worker_restarts=max_worker_restarts,
+        chunk_deadline_s=chunk_deadline_s,
+        deadline_min_tokens_per_s=deadline_min_tokens_per_s,
+        deadline_grace_s=deadline_grace_s,
+        poison_after=poison_after,
+        retry_failed=retry_failed,
         num_cpus=num_cpus,
         runtime_env=runtime_env,
         namespace=namespace,
@@ -135,7 +120,8 @@ def distributed_search(
     reward_spec = check_spec(reward_factory, "reward_factory", optional=True)
 
     with ExitStack() as held:
-        results_log = None
+        results_log = failed_log = None
+        skipped_failed: list[str] = []
         stamp: dict[str, Any] = {}  # the fingerprint fields every results row carries
         if run_dir is not None:
             from mcts.export import (
@@ -154,6 +140,14 @@ def distributed_search(
             check_resume(results_log, run_fingerprint(cfg, task_config), problems)
             done = results_log.done_ids(cfg.algorithm)
             problems = [p for p in problems if p.id not in done]
+            if dcfg.workers != 0:
+                from mcts.distributed.failed_log import FailedLog
+
+                failed_log = FailedLog(run_dir)
+                if not dcfg.retry_failed:  # poisoned in an earlier run: not again
+                    failed = failed_log.ids(cfg.algorithm)
+                    skipped_failed = [p.id for p in problems if p.id in failed]
+                    problems = [p for p in problems if p.id not in failed]
 
         def identify(models: dict[str, Any]) -> None:
             """Called once the models are built, before any problem is searched."""
@@ -171,6 +165,10 @@ def distributed_search(
             if on_result is not None:
                 on_result(res)
 
+        def poisoned(row: dict[str, Any]) -> None:
+            if failed_log is not None:
+                failed_log.append({**row, **stamp})
+
         t0 = time.perf_counter()
         if not problems:  # everything is in results.jsonl already
             stats, uses_ref, extra = empty_stats(), False, {}
@@ -180,7 +178,7 @@ def distributed_search(
             )
         else:
             stats, uses_ref, extra = _run_ray(
-                problems, gen_spec, reward_spec, cfg, dcfg, record, progress, identify
+                problems, gen_spec, reward_spec, cfg, dcfg, record, progress, identify, poisoned
             )
         wall = time.perf_counter() - t0
 
@@ -194,6 +192,9 @@ def distributed_search(
         summary = summarize(rows, stats, wall)
         summary["reward_uses_reference"] = uses_ref
         summary["searched_now"] = len(collected)
+        if skipped_failed:
+            # poisoned in an earlier run (failed.jsonl); distributed.retry_failed=true retries
+            summary["skipped_failed"] = skipped_failed
         if extra:
             # Worker time outside model calls (idle waiting for a chunk included).
             worker_time = wall * extra["workers"]
@@ -218,167 +219,40 @@ def _run_local(problems, gen_spec, reward_spec, cfg, record, progress, identify)
     return worker.engine.stats, worker.info()["reward_uses_reference"], {}
 
 
-def _start_ray(ray: Any, dcfg: DistributedConfig) -> bool:
-    """Use the session already running, or start/join one; True if we must shut it down."""
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "namespace": dcfg.namespace}
-    if dcfg.address is None:
-        kwargs["num_cpus"] = dcfg.num_cpus
-    else:
-        kwargs["address"] = dcfg.address
-    if dcfg.runtime_env:
-        kwargs["runtime_env"] = dcfg.runtime_env
-    ray.init(**kwargs)
-    return True
-
-
-def _check_resources(ray: Any, dcfg: DistributedConfig, n_workers: int, strict: bool) -> None:
-    have = ray.cluster_resources()
-    for key, per in (("CPU", dcfg.worker_cpus), ("GPU", dcfg.worker_gpus)):
-        need = per * n_workers
-        if need > have.get(key, 0) + 1e-9:
-            msg = (
-                f"{n_workers} workers x {key.lower()}s={per} need {need:g} {key}, the Ray "
-                f"cluster has {have.get(key, 0):g}: lower distributed.workers or "
-                f"distributed.worker_{key.lower()}s"
-            )
-            if strict:
-                raise DistributedError(msg)
-            log.warning("%s (waiting for the autoscaler, if any)", msg)
-
-
 def _run_ray(
-    problems, gen_spec, reward_spec, cfg, dcfg: DistributedConfig, record, progress, identify
+    problems,
+    gen_spec,
+    reward_spec,
+    cfg,
+    dcfg: DistributedConfig,
+    record,
+    progress,
+    identify,
+    poisoned,
 ):
-    ray = _import_ray()
-    from ray import exceptions as rex
-
-    lost_errors = (
-        rex.RayActorError,
-        rex.WorkerCrashedError,
-        rex.OutOfMemoryError,
-        rex.ObjectLostError,
-        rex.NodeDiedError,
-    )
-    size = dcfg.chunk_size or default_chunk_size(len(problems), dcfg.workers, cfg)
-    ledger = ChunkLedger(make_chunks(problems, size))
-    n_workers = min(dcfg.workers, len(ledger.waiting))
-    t_start = time.perf_counter()
-    owned = _start_ray(ray, dcfg)
-    actor_cls = ray.remote(SearchWorker).options(
-        num_cpus=dcfg.worker_cpus,
-        num_gpus=dcfg.worker_gpus,
-        max_restarts=0,  # the driver replaces dead workers itself and re-deals their chunk
-        max_task_retries=0,
-    )
-    actors: dict[int, Any] = {}
-    inflight: dict[Any, tuple[int, float]] = {}  # ObjectRef -> (slot, submit time)
-    restarts = 0
-    stats = _Stats()
-    bar = None
+    ray = import_ray()
+    t0 = time.perf_counter()
+    owned = start_ray(ray, dcfg)
     try:
-        _check_resources(ray, dcfg, n_workers, strict=owned and dcfg.address is None)
-        for slot in range(n_workers):
-            actors[slot] = actor_cls.remote(gen_spec, reward_spec, cfg)
-        try:  # surface model-loading errors now, with the worker's traceback
-            infos = ray.get([a.info.remote() for a in actors.values()])
-        except rex.RayError as e:
-            raise DistributedError(f"a worker failed to start (building its models): {e}") from e
-        uses_ref = any(i["reward_uses_reference"] for i in infos)
-        # the run fingerprint with the models' identities, before any chunk is dealt
-        identify(ray.get(actors[0].identity.remote()))
-        try:  # the reward's pre-flight check, once, before any chunk is dealt
-            ray.get(actors[0].check_problems.remote(problems))
-        except rex.RayTaskError as e:
-            raise DistributedError(f"the reward rejected the problems: {e}") from e
-        startup = time.perf_counter() - t_start
-        log.info("%d workers up: %s", n_workers, ", ".join(i["name"] for i in infos))
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(problems), desc=f"{cfg.algorithm} x{n_workers}", unit="problem")
-
-        def fill() -> None:
-            busy = {s for s, _ in inflight.values()}
-            for slot, actor in actors.items():
-                if slot in busy:
-                    continue
-                chunk = ledger.deal(slot)
-                if chunk is None:
-                    return
-                ref = actor.run_chunk.remote(chunk.id, chunk.problems)
-                inflight[ref] = (slot, time.perf_counter())
-
-        fill()
-        while not ledger.finished:
-            if not inflight:
-                left = ledger.remaining_ids()
-                raise DistributedError(
-                    f"every worker is lost (restarts used: {restarts}); {len(left)} problems "
-                    f"unfinished, e.g. {left[:5]}. What finished is in results.jsonl: rerun "
-                    "to resume (raise distributed.max_worker_restarts if workers crash often)"
-                )
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            ref = ready[0]
-            slot, sent = inflight.pop(ref)
-            try:
-                out: ChunkOutput = ray.get(ref)
-            except lost_errors as e:
-                chunk = ledger.lost(slot)
-                log.warning(
-                    "worker %d died (%s); chunk %s re-dealt",
-                    slot,
-                    type(e).__name__,
-                    chunk.id if chunk else None,
-                )
-                ray.kill(actors.pop(slot), no_restart=True)
-                if restarts < dcfg.max_worker_restarts:
-                    restarts += 1
-                    actors[slot] = actor_cls.remote(gen_spec, reward_spec, cfg)
-                fill()
-                continue
-            except rex.RayTaskError as e:
-                chunk = ledger.held.get(slot)
-                raise DistributedError(
-                    f"chunk {chunk.id if chunk else '?'} (problems "
-                    f"{list(chunk.ids)[:5] if chunk else []}) failed on worker {slot}: {e}"
-                ) from e
-            stats.add(out, time.perf_counter() - sent)
-            fresh = set(ledger.complete(slot, [r.problem.id for r in out.results]))
-            for res in out.results:
-                if res.problem.id in fresh:
-                    record(res)
-                    if bar is not None:
-                        bar.update(1)
-            fill()
+        fleet = Fleet(
+            ray,
+            problems,
+            gen_spec,
+            reward_spec,
+            cfg,
+            dcfg,
+            record=record,
+            identify=identify,
+            on_poisoned=poisoned,
+            progress=progress,
+            # a private instance cannot grow: too few resources is an error, not a wait
+            strict_resources=owned and dcfg.address is None,
+            t0=t0,
+        )
+        return fleet.run()
     finally:
-        if bar is not None:
-            bar.close()
-        for actor in actors.values():
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # already gone
-                pass
         if owned:
             ray.shutdown()
-    search_stats = {**empty_stats(), **stats.search}
-    extra = {
-        "workers": n_workers,
-        "chunk_size": size,
-        "chunks": stats.chunks,
-        "redealt_chunks": ledger.redealt,
-        "worker_restarts": restarts,
-        "address": dcfg.address,
-        # ray.init (when started here) + starting the actors + building their models.
-        "startup_seconds": startup,
-        "worker_seconds": stats.worker_seconds,
-        # Ray's cost per chunk: the driver's round trip minus the time spent in the worker.
-        "overhead_per_chunk_s": (stats.round_trip_seconds - stats.worker_seconds) / stats.chunks
-        if stats.chunks
-        else 0.0,
-    }
-    return search_stats, uses_ref, extra
 
 
 def run_search(

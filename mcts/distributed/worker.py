@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,18 @@ class ChunkOutput:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def _placement() -> dict[str, Any]:
+    """The Ray node and GPUs this process was placed on (None / [] outside Ray): the driver
+    needs the node to tell a lost node from a crashed worker, and reports both."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return {"node_id": None, "gpu_ids": []}
+    return {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+    }
+
+
 class SearchWorker:
     def __init__(self, generator_spec: Spec, reward_spec: Spec | None, cfg: SearchConfig) -> None:
         self.generator = build_generator(generator_spec)
@@ -51,6 +64,7 @@ class SearchWorker:
             "name": self.name,
             # Whatever rule search() uses to flag an oracle-guided reward, applied here.
             "reward_uses_reference": summarize([], zero, 1.0, self.reward)["reward_uses_reference"],
+            **_placement(),
         }
 
     def identity(self) -> dict[str, Any]:
