@@ -162,6 +162,13 @@ def test_loop_resumes_each_stage_without_redoing_work(tmp_path):
     run_improve(icfg(), scfg(), gen2, FakePRM(), tmp_path, splits=SPLITS)
     assert gen2.calls == 0
     assert os.stat(head).st_mtime_ns == stamp
+    # Other head settings on the same labels: the head is refit, and the EVAL runs made
+    # with the old head refuse to be blended with the new one's.
+    other = icfg(head=ValueHeadConfig(hidden=8, epochs=60, patience=20, val_fraction=0.25))
+    with pytest.raises(Exception, match="checkpoint_sha256|fingerprint|differ") as e:
+        run_improve(other, scfg(), FeatureFakeGenerator(), FakePRM(), tmp_path, splits=SPLITS)
+    assert "eval" in str(e.value)
+    assert os.stat(head).st_mtime_ns != stamp
 
 
 def test_learned_reward_checks_model_identity_and_features(tmp_path):

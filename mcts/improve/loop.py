@@ -267,13 +267,13 @@ def _labels(rd: Path, algorithm: str, min_support: int) -> LabelSet:
 
 
 def _value(rd: Path, labels: LabelSet, head_cfg: ValueHeadConfig, generator: Any) -> Path:
-    """Train the head unless value.pt was already fit on exactly these labels."""
+    """Train the head unless value.pt was already fit on exactly these labels and settings."""
     path = rd / "value.pt"
     fp = data_fingerprint(labels.X, labels.y, labels.groups, weights=labels.weights)
     if path.exists():
         try:
             old = ValueHead.load(path)
-            if old.data_fingerprint == fp:
+            if old.data_fingerprint == fp and asdict(old.config) == asdict(head_cfg):
                 log.info("value head %s is up to date", path)
                 return path
         except ValueError:
