@@ -33,7 +33,13 @@ if TYPE_CHECKING:
 
 
 class Cand(NamedTuple):
-    """One candidate step as the wave hands it to the forest."""
+    """One candidate step as the wave hands it to the forest.
+
+    token_ids / token_logprobs: a plain step's sampled tokens, exactly as the generator
+    returned them (empty for the pieces of a to_end sample, whose tokens cannot be split at
+    the character cuts); sample_token_ids / sample_token_logprobs: the whole to_end sample's
+    tokens, set on the last piece of its chain only (see mcts.state.NodeData).
+    """
 
     text: str
     n_tokens: int
@@ -41,6 +47,10 @@ class Cand(NamedTuple):
     count: int
     mean_logprob: float
     features: np.ndarray | None  # the policy's hidden state at the step's end, if returned
+    token_ids: tuple[int, ...] = ()
+    token_logprobs: tuple[float, ...] = ()
+    sample_token_ids: tuple[int, ...] = ()
+    sample_token_logprobs: tuple[float, ...] = ()
 
 
 def _row(features: Any, i: int) -> np.ndarray | None:
@@ -419,7 +429,12 @@ class Search:
                     Cand(p, round(s.n_tokens * len(p) / total), "step", s.count, s.mean_logprob, f)
                     for p, f in zip(parts, rows, strict=True)
                 ]
-                chain[-1] = chain[-1]._replace(finish=s.finish if s.finish != "step" else "eos")
+                # The sample's tokens go whole onto its last piece (they do not split).
+                chain[-1] = chain[-1]._replace(
+                    finish=s.finish if s.finish != "step" else "eos",
+                    sample_token_ids=tuple(s.token_ids),
+                    sample_token_logprobs=tuple(s.token_logprobs),
+                )
                 out.append(chain)
             else:
                 text = s.text.strip()
@@ -427,7 +442,18 @@ class Search:
                     self.stats["empty_steps"] += s.count
                     continue
                 out.append(
-                    [Cand(text, s.n_tokens, s.finish, s.count, s.mean_logprob, _row(feats, 0))]
+                    [
+                        Cand(
+                            text,
+                            s.n_tokens,
+                            s.finish,
+                            s.count,
+                            s.mean_logprob,
+                            _row(feats, 0),
+                            tuple(s.token_ids),
+                            tuple(s.token_logprobs),
+                        )
+                    ]
                 )
         return out
 
@@ -485,11 +511,21 @@ class Search:
                 for off, j in enumerate(js):
                     node = first + off
                     c = cands[j][level]
-                    state.nodes[t][node] = NodeData(
-                        c.text, c.n_tokens, c.finish, c.count, c.mean_logprob, c.features
-                    )
                     if level == 0:
                         heads_arr[j] = node
+                    state.nodes[t][node] = NodeData(
+                        c.text,
+                        c.n_tokens,
+                        c.finish,
+                        c.count,
+                        c.mean_logprob,
+                        c.features,
+                        token_ids=c.token_ids,
+                        token_logprobs=c.token_logprobs,
+                        sample_token_ids=c.sample_token_ids,
+                        sample_token_logprobs=c.sample_token_logprobs,
+                        sample_head=int(heads_arr[j]) if c.sample_token_ids else -1,
+                    )
                     tails_arr[j] = node
                     cur_parent[j] = node
             level += 1

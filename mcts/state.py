@@ -27,7 +27,17 @@ def request_seed(cfg_seed: int, problem_id: str, node: int, wave: int) -> int:
 
 @dataclass
 class NodeData:
-    """The Python side of a node: what the numba forest must not hold."""
+    """The Python side of a node: what the numba forest must not hold.
+
+    Sampled tokens. A plain step's node keeps exactly the generator's Step.token_ids /
+    Step.token_logprobs: the raw sampled tokens (and the policy's own logprob of each),
+    although `text` is the stripped step. Where identical siblings were merged (count > 1)
+    they are the first sample's. A `to_end` sample (a full solution) is split into pieces
+    at the delimiter by characters, and its tokens cannot be split exactly: its pieces carry
+    no per-step `token_ids` / `token_logprobs` (empty); instead the LAST node of the chain
+    carries the whole sample's ids / logprobs in `sample_token_ids` /
+    `sample_token_logprobs`, and `sample_head` names the chain's first node (-1 elsewhere).
+    """
 
     text: str
     n_tokens: int = 0
@@ -35,6 +45,25 @@ class NodeData:
     count: int = 1  # identical sibling samples merged into this node
     mean_logprob: float = float("nan")
     features: np.ndarray | None = None  # policy hidden state at the step's end (if returned)
+    token_ids: tuple[int, ...] = ()  # this step's sampled tokens (plain steps only)
+    token_logprobs: tuple[float, ...] = ()  # their logprobs under the sampling policy
+    sample_token_ids: tuple[int, ...] = ()  # a to_end sample's tokens, on its chain's tail
+    sample_token_logprobs: tuple[float, ...] = ()
+    sample_head: int = -1  # node id of the first piece of that sample's chain
+
+    def token_attrs(self) -> dict[str, Any]:
+        """The sampled-token node attributes of the tree (mcts.export.trees), only the
+        non-empty ones: token_ids / token_logprobs, or sample_token_ids /
+        sample_token_logprobs / sample_head on a to_end sample's last node."""
+        out: dict[str, Any] = {}
+        if self.token_ids:
+            out["token_ids"] = [int(x) for x in self.token_ids]
+            out["token_logprobs"] = [float(x) for x in self.token_logprobs]
+        if self.sample_token_ids:
+            out["sample_token_ids"] = [int(x) for x in self.sample_token_ids]
+            out["sample_token_logprobs"] = [float(x) for x in self.sample_token_logprobs]
+            out["sample_head"] = int(self.sample_head)
+        return out
 
 
 @dataclass

@@ -144,6 +144,8 @@ def annotate_tree(
             correct=correct_of.get(node),
             selected=node in on_path,
         )
+        if nd is not None:  # the sampled tokens, where known (NodeData.token_attrs)
+            g.nodes[node].update(nd.token_attrs())
     # Candidates for pass@k: every terminal answer, plus the selected one when the pick is
     # a non-terminal leaf (budget ran out mid-solution), so pass@k >= accuracy always.
     k = int(sum(count[n] for n in answers)) + (selected not in answers)

@@ -268,3 +268,189 @@ def test_trl_tokenization_follows_the_eos_policy(tmp_path):
         )
     out = trainer.train()
     assert math.isfinite(out.training_loss)
+
+
+# ---------------------------------------------------------------- sampled tokens
+
+
+class TokenRecordingGenerator(FakeGenerator):
+    """The fake world with a unique token id (and a unique logprob) per sampled token, and a
+    record of every Step returned: (messages, prefix, stripped text) -> [(ids, logprobs)].
+
+    Lengths and the Steps' summed `logprob` are the fake's own, so the search runs as before;
+    unique ids make any mix-up of siblings, samples or problems visible."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next_id = 10_000
+        self.returned: dict[tuple, list[tuple[tuple[int, ...], tuple[float, ...]]]] = {}
+
+    def generate(self, requests):
+        from mcts.types import Generation, Step
+
+        out = []
+        for r, g in zip(requests, super().generate(requests), strict=True):
+            steps = []
+            for s in g.steps:
+                ids = tuple(range(self.next_id, self.next_id + len(s.token_ids)))
+                self.next_id += len(ids)
+                lps = tuple(-0.5 - (i - 10_000) * 1e-3 for i in ids)
+                steps.append(Step(s.text, ids, s.logprob, lps, s.finish, s.count))
+                msgs = tuple((m.role, m.content) for m in r.messages)
+                self.returned.setdefault((msgs, r.prefix, s.text.strip()), []).append((ids, lps))
+            out.append(Generation(steps, g.usage))
+        return out
+
+    def sample_of(self, prompt, text, ids):
+        """The (ids, logprobs) this generator returned for `text` after `prompt` whose ids are
+        `ids` (None if it never returned them there)."""
+        msgs, prefix = as_request(prompt)
+        for got in self.returned.get((msgs, prefix, text), []):
+            if list(got[0]) == list(ids):
+                return got
+        return None
+
+
+def run_tokens(tmp_path, **kw):
+    kw = {"token_budget": 600, "pair_margin": 0.1, **kw}
+    gen = TokenRecordingGenerator()
+    search(problems(2), gen, FakePRM(), SearchConfig(**kw), run_dir=tmp_path)
+    tables = {
+        name: pq.read_table(tmp_path / f"{name}.parquet").to_pylist()
+        for name in ("pairs_dpo", "stepwise", "traces")
+    }
+    return gen, tables
+
+
+def assert_logprobs(got, want):
+    assert got is not None and len(got) == len(want)
+    assert got == pytest.approx(list(want), rel=1e-5)  # the tree keeps 6 significant digits
+
+
+def test_step_pairs_carry_the_exact_sampled_tokens_of_each_sibling(tmp_path):
+    gen, t = run_tokens(tmp_path)
+    pairs = t["pairs_dpo"]
+    step = [p for p in pairs if p["kind"] == "step"]
+    assert step
+    for p in step:
+        g = load_tree(tree_path(tmp_path, p["problem_id"], "mcts"))
+        for side in ("chosen", "rejected"):
+            ids, lps = p[f"{side}_token_ids"], p[f"{side}_token_logprobs"]
+            text = p[side][0]["content"]
+            got = gen.sample_of(p["prompt"], text, ids)
+            assert got is not None, (side, text, ids)  # what the generator returned there
+            assert ids == list(got[0]) and len(ids) == g.nodes[p[f"{side}_node"]]["n_tokens"]
+            assert_logprobs(lps, got[1])
+        assert p["chosen_token_ids"] != p["rejected_token_ids"]
+    # multi-step solutions are several samples: their trajectory pairs carry no ids
+    traj = [p for p in pairs if p["kind"] == "trajectory"]
+    assert traj
+    for p in traj:
+        g = load_tree(tree_path(tmp_path, p["problem_id"], "mcts"))
+        assert g.nodes[p["chosen_node"]]["depth"] > 1
+        assert p["chosen_token_ids"] is None and p["chosen_token_logprobs"] is None
+        assert p["rejected_token_ids"] is None and p["rejected_token_logprobs"] is None
+
+
+def test_traces_and_stepwise_carry_per_step_tokens(tmp_path):
+    gen, t = run_tokens(tmp_path)
+    assert t["traces"] and t["stepwise"]
+    for r in t["traces"]:
+        g = load_tree(tree_path(tmp_path, r["problem_id"], r["algorithm"]))
+        assert len(r["token_ids"]) == len(r["token_logprobs"]) == len(r["steps"])
+        for k, (node, ids, lps) in enumerate(
+            zip(r["node_ids"], r["token_ids"], r["token_logprobs"], strict=True)
+        ):
+            prompt = [
+                {"role": m.role, "content": m.content}
+                for m in problem_messages(r["question"], DEFAULT_SYSTEM)
+            ]
+            if k:
+                prompt.append({"role": "assistant", "content": join_steps(r["steps"][:k], "\n\n")})
+            got = gen.sample_of(prompt, r["steps"][k], ids)
+            assert got is not None and ids == g.nodes[node]["token_ids"]
+            assert_logprobs(lps, got[1])
+    traces = {(r["problem_id"], tuple(r["steps"])): r["token_ids"] for r in t["traces"]}
+    for r in t["stepwise"]:
+        want = traces[(r["problem_id"], tuple(r["completions"]))]
+        assert r["completion_token_ids"] == want and all(want)
+
+
+def test_to_end_samples_keep_their_tokens_on_the_tail_only(tmp_path):
+    gen, t = run_tokens(tmp_path, algorithm="best_of_n")
+    pairs = t["pairs_dpo"]
+    tails = 0
+    for pid in ("p0", "p1"):
+        g = load_tree(tree_path(tmp_path, pid, "best_of_n"))
+        root = next(n for n, d in g.in_degree() if d == 0)
+        msgs = [
+            {"role": m.role, "content": m.content}
+            for m in problem_messages(g.graph["question"], DEFAULT_SYSTEM)
+        ]
+        for n, a in g.nodes(data=True):
+            assert "token_ids" not in a and "token_logprobs" not in a  # pieces: no step ids
+            if n == root:
+                continue
+            if g.out_degree(n) == 0:  # a chain's last piece: the whole sample
+                tails += 1
+                nodes = []
+                cur = n
+                while cur != root:
+                    nodes.append(cur)
+                    cur = next(iter(g.predecessors(cur)))
+                nodes.reverse()
+                assert a["sample_head"] == nodes[0]
+                text = "\n\n".join(g.nodes[x]["text"] for x in nodes)
+                got = gen.sample_of(msgs, text, a["sample_token_ids"])
+                assert got is not None
+                assert_logprobs(a["sample_token_logprobs"], got[1])
+            else:
+                assert "sample_token_ids" not in a and "sample_head" not in a
+    assert tails >= 4
+    step = [p for p in pairs if p["kind"] == "step"]
+    assert step
+    for p in step:
+        for k in ("chosen", "rejected"):
+            assert p[f"{k}_token_ids"] is None and p[f"{k}_token_logprobs"] is None
+    traj = [p for p in pairs if p["kind"] == "trajectory"]
+    assert traj
+    for p in traj:
+        g = load_tree(tree_path(tmp_path, p["problem_id"], "best_of_n"))
+        for k in ("chosen", "rejected"):
+            a = g.nodes[p[f"{k}_node"]]
+            assert p[f"{k}_token_ids"] == a["sample_token_ids"]
+            text = p[k][0]["content"]  # the solution, its steps joined by the delimiter
+            got = gen.sample_of(p["prompt"], text, p[f"{k}_token_ids"])
+            assert got is not None
+            assert_logprobs(p[f"{k}_token_logprobs"], got[1])
+    for r in t["traces"]:  # per step: unknown
+        assert r["token_ids"] == [None] * len(r["steps"])
+        assert r["token_logprobs"] == [None] * len(r["steps"])
+
+
+def test_trees_without_tokens_still_export_with_nulls(tmp_path):
+    _, t = run_tokens(tmp_path)
+    assert any(p["chosen_token_ids"] for p in t["pairs_dpo"])
+    keys = ("token_ids", "token_logprobs", "sample_token_ids", "sample_token_logprobs")
+    for f in (tmp_path / "trees").rglob("*.json"):
+        data = json.loads(f.read_text())
+        stripped = 0
+        for node in data["nodes"]:
+            for k in (*keys, "sample_head"):
+                stripped += node.pop(k, None) is not None
+        assert stripped
+        f.write_text(json.dumps(data))  # as a tree written before tokens were recorded
+    info = write_exports(tmp_path, 0.1, draw=False)
+    pairs = pq.read_table(info["pairs_dpo"]).to_pylist()
+    assert [p["chosen_node"] for p in pairs] == [p["chosen_node"] for p in t["pairs_dpo"]]
+    for p in pairs:
+        for k in ("chosen", "rejected"):
+            assert p[f"{k}_token_ids"] is None and p[f"{k}_token_logprobs"] is None
+    traces = pq.read_table(info["traces"]).to_pylist()
+    assert traces
+    for r in traces:
+        assert r["token_ids"] == r["token_logprobs"] == [None] * len(r["steps"])
+    stepwise = pq.read_table(info["stepwise"]).to_pylist()
+    assert stepwise
+    for r in stepwise:
+        assert r["completion_token_ids"] == [None] * len(r["completions"])

@@ -47,6 +47,34 @@ solution vs an incorrect one of the same problem, both with a value target, gap 
 their values are the terminals' value targets (mc: 1.0 / 0.0). Their label is a checked outcome, not an
 estimate, so min_support does not filter them (their support is the solution's sample count).
 stepwise labels: value >= label_threshold (0.5 by default) per step.
+
+Tokens. The tokens the policy actually sampled, and its own logprob of each, read off the
+tree (mcts.export.trees; mcts.state.NodeData says how the search records them). A plain
+step's ids are exact: every token the backend sampled for that step, as
+mcts.generators.base defines them (up to and including the token that completed the
+delimiter, or the EOS token where the step ended the solution), so they may differ from
+encoding the stripped step text, which is what pretokenize_pair does. The prompt they
+continue is the chat template + the prefix text, as the generators render it (pretokenize_pair's
+prompt_ids). Null means unknown, never empty:
+  pairs_dpo, kind "step": `chosen_token_ids` / `chosen_token_logprobs` /
+    `rejected_token_ids` / `rejected_token_logprobs` are that sibling step's ids; null for a
+    piece of a to_end sample (a full solution sampled at once and split at the delimiter by
+    characters: its tokens do not split at those cuts) and for trees written before tokens
+    were recorded.
+  pairs_dpo, kind "trajectory": the same columns hold the whole solution's ids where it is
+    ONE sample from the root: a to_end sample whose first piece is a child of the root (its
+    last node's sample_token_ids), or a single plain step that ended the solution. Else
+    null: a solution grown step by step is several samples, each conditioned on the prefix
+    re-rendered as text, and the concatenation of their ids is not a sequence the policy
+    sampled (the token that completed each delimiter may carry text past it, and the next
+    step's prompt re-encodes the prefix), so it is not exported as if it were.
+  traces: `token_ids` / `token_logprobs`, one entry per step (null entries where unknown,
+    as for step pairs); stepwise: `completion_token_ids`, likewise.
+The logprobs are the sampling policy's own (the generators report the raw model's
+distribution, temperature 1, no top-p), rounded to 6 significant digits in the tree file.
+They serve as DPO reference logprobs only for the very policy (weights) that sampled them,
+and only with the ids above: a trained or different model needs its own reference pass.
+Where identical siblings were merged (count > 1) the ids are the first sample's.
 """
 
 from __future__ import annotations
@@ -87,6 +115,8 @@ TRACES_SCHEMA = pa.schema(
         ("answer", pa.string()),
         ("correct", pa.bool_()),
         ("selected", pa.bool_()),
+        ("token_ids", pa.list_(pa.list_(pa.int64()))),
+        ("token_logprobs", pa.list_(pa.list_(pa.float64()))),
     ]
 )
 
@@ -118,6 +148,10 @@ PAIRS_SCHEMA = pa.schema(
         ("parent_node", pa.int64()),
         ("chosen_node", pa.int64()),
         ("rejected_node", pa.int64()),
+        ("chosen_token_ids", pa.list_(pa.int64())),
+        ("chosen_token_logprobs", pa.list_(pa.float64())),
+        ("rejected_token_ids", pa.list_(pa.int64())),
+        ("rejected_token_logprobs", pa.list_(pa.float64())),
     ]
 )
 
@@ -135,6 +169,7 @@ STEPWISE_SCHEMA = pa.schema(
         ("algorithm", pa.string()),
         ("correct", pa.bool_()),
         ("selected", pa.bool_()),
+        ("completion_token_ids", pa.list_(pa.list_(pa.int64()))),
     ]
 )
 
@@ -224,6 +259,40 @@ def ends_solution(attrs: dict[str, Any]) -> bool:
     return bool(attrs.get("terminal", False))
 
 
+def step_token_ids(attrs: dict[str, Any]) -> list[int] | None:
+    """A plain step's sampled token ids (None where unknown; see "Tokens." above)."""
+    ids = attrs.get("token_ids")
+    return [int(x) for x in ids] if ids else None
+
+
+def step_token_logprobs(attrs: dict[str, Any]) -> list[float] | None:
+    """The policy's logprobs of a plain step's sampled tokens (None where unknown)."""
+    if not attrs.get("token_ids"):
+        return None
+    lps = attrs.get("token_logprobs")
+    return None if lps is None else [_float(x) for x in lps]
+
+
+def solution_tokens(
+    graph: nx.DiGraph, node: Any, root: Any
+) -> tuple[list[int] | None, list[float] | None]:
+    """The ids / logprobs of the whole root-to-`node` solution where it is ONE sample from
+    the root (a to_end sample whose head is a child of the root, or a single plain step),
+    else (None, None): step-by-step ids do not concatenate into a sampled sequence."""
+    a = graph.nodes[node]
+    ids = a.get("sample_token_ids")
+    if ids:
+        head = a.get("sample_head")
+        nodes = path_to(graph, node, root).nodes
+        if nodes and head is not None and head == nodes[0]:
+            lps = a.get("sample_token_logprobs")
+            return [int(x) for x in ids], None if lps is None else [_float(x) for x in lps]
+        return None, None
+    if list(graph.predecessors(node)) == [root]:
+        return step_token_ids(a), step_token_logprobs(a)
+    return None, None
+
+
 def support(graph: nx.DiGraph) -> dict[Any, int]:
     """Per node: the merged sample count of checked terminal solutions at or below it."""
     out: dict[Any, int] = {}
@@ -262,13 +331,16 @@ def trace_rows(graph: nx.DiGraph, row: dict[str, Any] | None = None) -> list[dic
                 "answer": graph.nodes[t].get("answer"),
                 "correct": _opt_bool(graph.nodes[t].get("correct")),
                 "selected": bool(graph.nodes[t].get("selected", False)),
+                "token_ids": [step_token_ids(a) for a in attrs],
+                "token_logprobs": [step_token_logprobs(a) for a in attrs],
             }
         )
     return out
 
 
-# (node, value, text, support, ends_solution) of one side of a pair
-Side = tuple[Any, float, str, int, bool]
+# (node, value, text, support, ends_solution, token_ids, token_logprobs) of one side of a
+# pair; the ids / logprobs None where unknown
+Side = tuple[Any, float, str, int, bool, list[int] | None, list[float] | None]
 
 
 def _pair(
@@ -308,6 +380,10 @@ def _pair(
         "parent_node": None if parent is None else int(parent),
         "chosen_node": int(hi[0]),
         "rejected_node": int(lo[0]),
+        "chosen_token_ids": hi[5],
+        "chosen_token_logprobs": hi[6],
+        "rejected_token_ids": lo[5],
+        "rejected_token_logprobs": lo[6],
     }
 
 
@@ -339,7 +415,17 @@ def step_pairs(
         for c in kids:
             a = graph.nodes[c]
             if int(a.get("visits", 0) or 0) >= min_visits:
-                sides.append((c, target_value(a), str(a.get("text", "")), sup[c], ends_solution(a)))
+                sides.append(
+                    (
+                        c,
+                        target_value(a),
+                        str(a.get("text", "")),
+                        sup[c],
+                        ends_solution(a),
+                        step_token_ids(a),
+                        step_token_logprobs(a),
+                    )
+                )
         cands = []
         for x, y in itertools.combinations(sides, 2):
             if x[2] == y[2]:
@@ -398,7 +484,10 @@ def trajectory_pairs(
     def ranked(side: dict[str, list[Any]]) -> list[Side]:
         kept = [(text, v) for text, v in side.items() if math.isfinite(v[0])]
         kept.sort(key=lambda kv: (-kv[1][0], kv[1][1]))
-        return [(node, v, text, s, e) for text, (v, node, s, e) in kept]
+        return [
+            (node, v, text, s, e, *solution_tokens(graph, node, root))
+            for text, (v, node, s, e) in kept
+        ]
 
     g, b = ranked(good), ranked(bad)
     dropped["no_value_target"] += len(good) * len(bad) - len(g) * len(b)
@@ -443,6 +532,7 @@ def stepwise_rows(
                 "algorithm": algo,
                 "correct": _opt_bool(graph.nodes[t].get("correct")),
                 "selected": bool(graph.nodes[t].get("selected", False)),
+                "completion_token_ids": [step_token_ids(graph.nodes[n]) for n in p.nodes],
             }
         )
     return out, skipped

@@ -3,6 +3,16 @@
 One file per finished problem, trees/<algorithm>/<id>.json, written atomically as the
 problem finishes: on resume every export can be rebuilt for problems finished in earlier
 runs. JSON is strict: NaN is stored as null and restored to NaN for the float attributes.
+
+Sampled tokens (mcts.state.NodeData), present only where non-empty, so trees written before
+they existed load as they are and read as "unknown":
+  token_ids (list[int]) / token_logprobs (list[float]): a plain step's raw sampled tokens
+    and the sampling policy's logprob of each (the node's `text` is the stripped step);
+  sample_token_ids / sample_token_logprobs / sample_head (int): on the LAST node of a
+    to_end sample's chain only, the whole sample's tokens and the node id of the chain's
+    first node; the chain's pieces (split at the delimiter by characters) carry no
+    per-step ids, since the tokens do not split at those cuts.
+Logprobs are written rounded to 6 significant digits (a non-finite one becomes null).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import numpy as np
 from mcts.export.io import atomic_write, atomic_write_text, jsonable, safe_filename
 
 FLOAT_ATTRS = ("q", "reward", "prior", "value_target")
+TOKEN_LOGPROB_ATTRS = ("token_logprobs", "sample_token_logprobs")
 TREES_DIR = "trees"
 
 
@@ -70,9 +81,21 @@ def load_features(path: str | os.PathLike[str]) -> np.ndarray:
 def tree_to_json(graph: nx.DiGraph, **graph_attrs: Any) -> str:
     """Node-link JSON of `graph`; `graph_attrs` fill graph attributes the graph lacks."""
     data = nx.node_link_data(graph, edges="edges")
+    for node in data["nodes"]:
+        for k in TOKEN_LOGPROB_ATTRS:
+            if node.get(k) is not None:
+                node[k] = [_round6(x) for x in node[k]]
     for k, v in graph_attrs.items():
         data["graph"].setdefault(k, v)
     return json.dumps(jsonable(data, "tree"), ensure_ascii=False, allow_nan=False)
+
+
+def _round6(x: Any) -> float | None:
+    """A logprob at 6 significant digits (None where missing or not finite)."""
+    if x is None:
+        return None
+    x = float(x)
+    return float(f"{x:.6g}") if math.isfinite(x) else None
 
 
 def save_tree(graph: nx.DiGraph, path: str | os.PathLike[str], **graph_attrs: Any) -> Path:
