@@ -284,7 +284,7 @@ def train_policy(
         ) from exc
     torch.manual_seed(cfg.seed)
     tok = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     peft_config = None
     if cfg.lora_r > 0:
         from peft import LoraConfig
