@@ -10,7 +10,9 @@ Node attributes (node 0 is the root, its text is ""):
   reward (float, NaN if unscored), prior (float), terminal (bool), n_tokens (int),
   value_target (float, NaN where none), answer (str | None, extracted on terminal nodes),
   correct (bool | None: None where not a terminal with a checked answer), selected (bool: on the
-  path of the selected answer).
+  path of the selected answer); where recorded (mcts.state.NodeData): token_ids /
+  token_logprobs (a plain step's sampled tokens), or sample_token_ids / sample_token_logprobs /
+  sample_head on the last node of a to_end sample's chain.
 Edges go parent -> child.
 
 `extra` adds policy-specific columns to the results.jsonl row; best-of-N and
