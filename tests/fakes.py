@@ -9,6 +9,7 @@ can find the right path. Costs are exact: each word is one token, the delimiter 
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,7 +38,9 @@ def final_step(path: Sequence[str]) -> str:
 
 
 def _tok(text: str) -> tuple[int, ...]:
-    return tuple(abs(hash(w)) % 1000 for w in text.split())
+    # crc32, not hash(): str hashes differ between processes (PYTHONHASHSEED), and a Ray
+    # worker's ids must equal the driver's
+    return tuple(zlib.crc32(w.encode()) % 1000 for w in text.split())
 
 
 class FakeGenerator:
