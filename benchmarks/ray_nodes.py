@@ -39,23 +39,10 @@ sys.path.insert(0, str(ROOT))
 from mcts.config import SearchConfig  # noqa: E402
 from mcts.distributed import distributed_search  # noqa: E402
 from mcts.search import search  # noqa: E402
-from tests.fakes import FakeGenerator, FakePRM, problems  # noqa: E402
+from tests.fakes import FakeGenerator, FakePRM, SlowFakeGenerator, problems  # noqa: E402
 
 SECTION = "Ray multi-node (issue 16)"
 SLOT = {"mcts_node": 1.0}
-
-
-class SlowFake(FakeGenerator):
-    """The fake world plus a fixed latency per generate() call (sleep: no CPU used)."""
-
-    def __init__(self, call_ms: float = 0.0) -> None:
-        super().__init__()
-        self.call_s = call_ms / 1000
-
-    def generate(self, requests):
-        if self.call_s:
-            time.sleep(self.call_s)
-        return super().generate(requests)
 
 
 def rows(results) -> dict:
@@ -189,7 +176,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for call_ms in [float(x) for x in args.call_ms.split(",")]:
-        recipe = functools.partial(SlowFake, call_ms)  # SlowFake lives in __main__: by value
+        recipe = functools.partial(SlowFakeGenerator, call_ms)
         runs: dict[int, list[tuple[float, ...]]] = {1: [], 2: [], 3: []}
         chunk_s: list[float] = []
         for _ in range(args.repeats):

@@ -26,20 +26,7 @@ sys.path.insert(0, str(ROOT))
 from mcts.config import SearchConfig  # noqa: E402
 from mcts.distributed import distributed_search  # noqa: E402
 from mcts.search import search  # noqa: E402
-from tests.fakes import FakeGenerator, FakePRM, problems  # noqa: E402
-
-
-class SlowFake(FakeGenerator):
-    """The fake world plus a fixed latency per generate() call (sleep: no CPU used)."""
-
-    def __init__(self, call_ms: float = 0.0) -> None:
-        super().__init__()
-        self.call_s = call_ms / 1000
-
-    def generate(self, requests):
-        if self.call_s:
-            time.sleep(self.call_s)
-        return super().generate(requests)
+from tests.fakes import FakeGenerator, FakePRM, SlowFakeGenerator, problems  # noqa: E402
 
 
 class Noop:
@@ -106,7 +93,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for call_ms in [float(x) for x in args.call_ms.split(",")]:
         t = time.perf_counter()
-        ref = search(ps, SlowFake(call_ms), FakePRM(), cfg)
+        ref = search(ps, SlowFakeGenerator(call_ms), FakePRM(), cfg)
         wall = time.perf_counter() - t
         nbytes = len(pickle.dumps(ref.results)) / len(ref.results)
         rate = len(ps) / wall * 60
@@ -135,7 +122,7 @@ def main() -> None:
 def _recipe(call_ms: float):
     import functools
 
-    return functools.partial(SlowFake, call_ms)  # SlowFake lives in __main__: shipped by value
+    return functools.partial(SlowFakeGenerator, call_ms)
 
 
 if __name__ == "__main__":

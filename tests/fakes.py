@@ -9,6 +9,7 @@ can find the right path. Costs are exact: each word is one token, the delimiter 
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Sequence
 
@@ -211,3 +212,17 @@ class FeatureFakeGenerator(FakeGenerator):
                 )
             done.append(Generation(steps, g.usage))
         return done
+
+
+class SlowFakeGenerator(FakeGenerator):
+    """The fake world plus a fixed latency per generate() call (sleep: no CPU used): a
+    stand-in for a model on its own device (benchmarks/ray_*.py)."""
+
+    def __init__(self, call_ms: float = 0.0) -> None:
+        super().__init__()
+        self.call_s = call_ms / 1000
+
+    def generate(self, requests):
+        if self.call_s:
+            time.sleep(self.call_s)
+        return super().generate(requests)
