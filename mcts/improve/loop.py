@@ -166,13 +166,7 @@ def run_improve(
     if splits is None:
         if task is None:
             raise ValueError("run_improve needs a task (reasoning-gym) or explicit splits")
-        splits = make_splits(
-            task,
-            train_size=cfg.train_size,
-            eval_size=cfg.eval_size,
-            train_seed=cfg.train_seed,
-            eval_seed=cfg.eval_seed,
-        )
+        splits = loop_splits(cfg, task)
         task_of: dict[str, Any] = {
             "train": {**_task_dict(task), "seed": cfg.train_seed, "size": cfg.train_size},
             "eval": {**_task_dict(task), "seed": cfg.eval_seed, "size": cfg.eval_size},
@@ -245,6 +239,17 @@ def run_improve(
     report = write_report(out, splits.eval, cfg)
     write_index_safely(out)  # index.html: every stage's report.html, the loop's plot
     return report
+
+
+def loop_splits(cfg: ImproveConfig, task: Any) -> Splits:
+    """TRAIN and EVAL of the loop with these settings (the same draw on every call)."""
+    return make_splits(
+        task,
+        train_size=cfg.train_size,
+        eval_size=cfg.eval_size,
+        train_seed=cfg.train_seed,
+        eval_seed=cfg.eval_seed,
+    )
 
 
 def _task_dict(task: Any) -> dict[str, Any]:

@@ -1,0 +1,90 @@
+"""The self-improvement benchmark: the loop of mcts.improve at the scale of issues 13 / 14.
+
+    python benchmarks/self_improve.py [--out outputs/improve/arith2d-r1] [--report-only]
+        [--write-results] [-- extra Hydra overrides]
+
+Runs (or resumes: every stage picks up where it stopped) `python -m mcts.improve` with the
+settings below, then copies report.md / report.json / report.png to benchmarks/out/ and,
+with --write-results, puts the table into benchmarks/RESULTS.md. The settings are fixed
+here before any EVAL result is seen; nothing is chosen on EVAL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OVERRIDES = [
+    "task=arith2d",  # RESULTS.md "Task for the loop"
+    "improve.train_size=330",  # 299 after dropping questions that occur in EVAL
+    "improve.eval_size=300",
+    "improve.budgets=[128,256]",
+    "improve.train_budget=256",
+    "+improve.train_reward.name=verifier",  # TRAIN backs up verified terminals (no judge tokens)
+    "improve.eval_runs=[mcts,best_of_n]",
+    "improve.baseline=false",  # the judge on 300 EVAL problems does not fit a CPU session
+    "improve.policy.method=sft",
+    "search.step_max_tokens=32",
+    "search.n_children=3",
+    "generator.n_threads=1",
+    "progress=false",
+]
+TITLE = "Self-improvement loop, n = 300 (issues 13 and 14)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="outputs/improve/arith2d-r1")
+    ap.add_argument("--report-only", action="store_true", help="no search: rebuild the report")
+    ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("extra", nargs="*", help="more Hydra overrides")
+    a = ap.parse_args(argv)
+    out = (ROOT / a.out).resolve()
+    overrides = OVERRIDES + list(a.extra)
+    from hydra import compose, initialize_config_dir
+
+    import mcts.improve.__main__ as app
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="improve", overrides=overrides)
+    if a.report_only:
+        from omegaconf import OmegaConf
+
+        from mcts.improve.loop import loop_splits
+        from mcts.improve.report import write_report
+
+        icfg = OmegaConf.to_object(cfg.improve)
+        splits = loop_splits(icfg, OmegaConf.to_container(cfg.task, resolve=True))
+        report = write_report(out, splits.eval, icfg)
+    else:
+        report = app.run(cfg, out)
+    dest = ROOT / "benchmarks" / "out"
+    dest.mkdir(exist_ok=True)
+    for name in ("report.md", "report.json", "report.png"):
+        if (out / name).exists():
+            shutil.copy(out / name, dest / f"self_improve.{name.split('.')[-1]}")
+    md = (out / "report.md").read_text()
+    print(md)
+    if a.write_results:
+        from benchmarks._results import write_section
+
+        body = (
+            "Command: `python benchmarks/self_improve.py --write-results` (settings in the "
+            f"script: {' '.join(OVERRIDES)}). Figures: benchmarks/out/self_improve.png, "
+            "self_improve.json.\n\n" + md
+        )
+        notes = ROOT / "benchmarks" / "self_improve_notes.md"  # the reading, written by hand
+        if notes.exists():
+            body += "\n" + notes.read_text()
+        write_section(TITLE, body)
+    recs = report.get("records", [])
+    print(f"{len(recs)} records; run directory: {out}")
+
+
+if __name__ == "__main__":
+    main()
