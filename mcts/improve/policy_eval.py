@@ -51,6 +51,7 @@ def greedy_eval(
         for p, out in zip(batch, generator.generate(reqs), strict=True):
             step = out.steps[0]
             answer = extract_answer(step.text, extract)
+            ok = bool(is_correct(answer, p))
             log.append(
                 {
                     "id": p.id,
@@ -58,8 +59,8 @@ def greedy_eval(
                     "question": p.question,
                     "reference": p.answer,
                     "answer": answer,
-                    "correct": bool(is_correct(answer, p)),
-                    "pass_at_k": float(is_correct(answer, p)),
+                    "correct": ok,
+                    "pass_at_k": float(ok),
                     "text": step.text,
                     "finish": str(step.finish),
                     "tokens_generated_tokens": int(out.usage.generated_tokens),
