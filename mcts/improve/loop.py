@@ -364,26 +364,14 @@ def _evaluate_votes(
     progress: bool,
     task_config: dict[str, Any] | None,
 ) -> None:
-    """Self-consistency at every budget: best-of-N sampling, reward `none`, the vote pick."""
-    from mcts.search import search
+    """Self-consistency at every budget: the best-of-N runs of `_evaluate` with the reward
+    `none` (only the vote pick is read)."""
     from rewards.constant import ConstantReward
 
-    for budget in cfg.budgets:
-        ecfg = replace(
-            search_cfg,
-            algorithm="best_of_n",
-            bon_aggregation="prm_max",
-            token_budget=budget,
-            solution_max_tokens=min(search_cfg.solution_max_tokens, budget),
-            hide_references=True,
-            value_target="auto",
-        )
-        log.info("eval %s self-consistency budget %d", tag, budget)
-        run_dir = out / "eval" / tag / f"best_of_n-{budget}"
-        res = search(
-            problems, generator, ConstantReward(), ecfg, run_dir, progress, task_config=task_config
-        )
-        write_report_safely(run_dir, summary=res.summary)
+    votes = replace(cfg, eval_runs=["best_of_n"])
+    _evaluate(
+        out, problems, generator, ConstantReward(), tag, search_cfg, votes, progress, task_config
+    )
 
 
 def _evaluate(
@@ -395,7 +383,7 @@ def _evaluate(
     search_cfg: SearchConfig,
     cfg: ImproveConfig,
     progress: bool,
-    task_config: dict[str, Any],
+    task_config: dict[str, Any] | None,
     budgets: list[int] | None = None,
 ) -> None:
     from mcts.search import search
