@@ -1,12 +1,17 @@
 """The self-improvement benchmark: the loop of mcts.improve at the scale of issues 13 / 14.
 
-    python benchmarks/self_improve.py [--out outputs/improve/arith2d-r1] [--report-only]
+    python benchmarks/self_improve.py [--second-round] [--out DIR] [--report-only]
         [--write-results] [-- extra Hydra overrides]
 
 Runs (or resumes: every stage picks up where it stopped) `python -m mcts.improve` with the
 settings below, then copies report.md / report.json / report.png to benchmarks/out/ and,
 with --write-results, puts the table into benchmarks/RESULTS.md. The settings are fixed
 here before any EVAL result is seen; nothing is chosen on EVAL.
+
+--second-round: two rounds, EVAL searched in the second only (round 0 is the first
+benchmark): round 1 searches TRAIN with the round-1 policy, fits a head on its hidden
+states, and searches EVAL with both, against that policy's own vote; round 1's policy
+stage trains the round-2 policy (ReST-EM's second iteration).
 """
 
 from __future__ import annotations
@@ -35,17 +40,22 @@ OVERRIDES = [
     "progress=false",
 ]
 TITLE = "Self-improvement loop, n = 300 (issues 13 and 14)"
+SECOND_ROUND = ["improve.rounds=2", "improve.eval_rounds=[1]"]
+TITLE2 = "Self-improvement loop, second round, n = 300 (issue 13)"
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="outputs/improve/arith2d-r1")
+    ap.add_argument("--second-round", action="store_true", help="rounds=2, EVAL in round 1")
+    ap.add_argument("--out", default=None, help="run dir (default outputs/improve/arith2d-r1|r2)")
     ap.add_argument("--report-only", action="store_true", help="no search: rebuild the report")
     ap.add_argument("--write-results", action="store_true")
     ap.add_argument("extra", nargs="*", help="more Hydra overrides")
     a = ap.parse_args(argv)
-    out = (ROOT / a.out).resolve()
-    overrides = OVERRIDES + list(a.extra)
+    out = (ROOT / (a.out or f"outputs/improve/arith2d-r{2 if a.second_round else 1}")).resolve()
+    fixed = OVERRIDES + (SECOND_ROUND if a.second_round else [])
+    overrides = fixed + list(a.extra)
+    name, title = ("self_improve_round2", TITLE2) if a.second_round else ("self_improve", TITLE)
     from hydra import compose, initialize_config_dir
 
     import mcts.improve.__main__ as app
@@ -65,23 +75,24 @@ def main(argv: list[str] | None = None) -> None:
         report = app.run(cfg, out)
     dest = ROOT / "benchmarks" / "out"
     dest.mkdir(exist_ok=True)
-    for name in ("report.md", "report.json", "report.png"):
-        if (out / name).exists():
-            shutil.copy(out / name, dest / f"self_improve.{name.split('.')[-1]}")
+    for fname in ("report.md", "report.json", "report.png"):
+        if (out / fname).exists():
+            shutil.copy(out / fname, dest / f"{name}.{fname.split('.')[-1]}")
     md = (out / "report.md").read_text()
     print(md)
     if a.write_results:
         from benchmarks._results import write_section
 
+        flag = " --second-round" if a.second_round else ""
         body = (
-            "Command: `python benchmarks/self_improve.py --write-results` (settings in the "
-            f"script: {' '.join(OVERRIDES)}). Figures: benchmarks/out/self_improve.png, "
-            "self_improve.json.\n\n" + md
+            f"Command: `python benchmarks/self_improve.py{flag} --write-results` (settings in "
+            f"the script: {' '.join(fixed)}). Figures: benchmarks/out/{name}.png, "
+            f"{name}.json.\n\n" + md
         )
-        notes = ROOT / "benchmarks" / "self_improve_notes.md"  # the reading, written by hand
+        notes = ROOT / "benchmarks" / f"{name}_notes.md"  # the reading, written by hand
         if notes.exists():
             body += "\n" + notes.read_text()
-        write_section(TITLE, body)
+        write_section(title, body)
     recs = report.get("records", [])
     print(f"{len(recs)} records; run directory: {out}")
 

@@ -129,6 +129,8 @@ def test_train_reward_guides_train_only_and_baseline_budgets(tmp_path):
         (dict(baseline_budgets=[]), "improve.baseline_budgets"),
         (dict(baseline_budgets=[0]), "improve.baseline_budgets"),
         (dict(train_reward={"path": "x"}), "improve.train_reward"),
+        (dict(eval_rounds=[]), "improve.eval_rounds"),
+        (dict(rounds=2, eval_rounds=[2]), "improve.eval_rounds"),
     ],
 )
 def test_bad_improve_settings_are_named(bad, match):

@@ -194,5 +194,79 @@ def test_loop_policy_stage_trains_exports_and_reports_both_policies(base, tmp_pa
     assert "vs previous policy" in md and "Policy round0: sft" in md
     greedy = (tmp_path / "eval" / "policy_r0" / "greedy-0" / "results.jsonl").read_text()
     assert len(greedy.splitlines()) == 8 and '"reference": null' not in greedy
-    with pytest.raises(ValueError, match="improve.rounds"):
-        ImproveConfig(rounds=2, policy=PolicyConfig(method="sft")).validate()
+
+
+def test_a_second_round_searches_with_the_new_policy_and_fits_its_own_head(base, tmp_path):
+    """rounds=2 with the policy stage: round 1 searches TRAIN and EVAL with round 0's
+    fine-tuned policy, under round 0's TRAIN reward (the round-0 head reads the old model),
+    fits a head on the new policy's features, and is compared with that policy's own vote;
+    eval_rounds=[1] leaves round 0 unevaluated."""
+    from mcts.improve import ImproveConfig, run_improve
+    from mcts.improve.splits import Splits
+    from rewards.value_model import ValueHead, ValueHeadConfig
+    from tests.fakes import FeatureFakeGenerator, fake_config
+
+    def planted(prefix, n):
+        return [
+            Problem(id=f"{prefix}{i}", question=f"{prefix} problem {i}?", answer=RIGHT)
+            for i in range(n)
+        ]
+
+    splits = Splits(train=planted("train", 16), eval=planted("eval", 8), dropped_from_train=0)
+    cfg = ImproveConfig(
+        rounds=2,
+        eval_rounds=[1],
+        train_budget=60,
+        budgets=[40],
+        eval_runs=["mcts", "best_of_n"],
+        baseline=False,
+        head=ValueHeadConfig(epochs=60, patience=20, val_fraction=0.25),
+        policy=PolicyConfig(method="sft", epochs=1, batch_size=4, lora_r=4, lora_alpha=8),
+    )
+    served = []
+
+    class Seen(FeatureFakeGenerator):
+        def generate(self, requests):
+            self.seen.update(m.content.split()[0] for r in requests for m in r.messages[-1:])
+            return super().generate(requests)
+
+    def make(sha):
+        g = Seen(sha=sha)
+        g.seen = set()
+        return g
+
+    def policy_generator(gguf):
+        served.append(make(f"fake-policy-{len(served) + 1}"))
+        served[-1].gguf = gguf
+        return served[-1]
+
+    base_gen = make("fake-base")
+    report = run_improve(
+        cfg,
+        fake_config(token_budget=60, n_beams=4, beam_width=2),
+        base_gen,
+        FakePRM(),
+        tmp_path,
+        splits=splits,
+        policy_generator=policy_generator,
+        base_hf=base,
+    )
+    assert [g.gguf for g in served] == [tmp_path / f"round{r}/policy/model.gguf" for r in (0, 1)]
+    heads = [ValueHead.load(tmp_path / f"round{r}" / "value.pt") for r in (0, 1)]
+    assert [h.feature_identity["model_sha256"] for h in heads] == ["fake-base", "fake-policy-1"]
+    # the base policy searched TRAIN only (round 0 is not evaluated); round 1's policy
+    # searched TRAIN and EVAL; round 2's policy only EVAL (greedy and its vote)
+    assert base_gen.seen == {"train"}
+    assert served[0].seen == {"train", "eval"} and served[1].seen == {"eval"}
+    tags = {r["reward"] for r in report["records"]}
+    assert tags == {"learned_r1", "policy_r1", "policy_r2"}  # nothing of round 0 on EVAL
+    assert not (tmp_path / "eval" / "learned_r0").exists()
+    mcts1 = next(
+        r for r in report["records"] if (r["reward"], r["method"]) == ("learned_r1", "mcts")
+    )
+    assert mcts1["vs_self_consistency"]["against"] == "learned_r1"  # the same policy's vote
+    p2 = next(r for r in report["records"] if (r["reward"], r["method"]) == ("policy_r2", "greedy"))
+    assert p2["vs_previous_policy"]["against"] == "policy_r1"
+    # ReST-EM: both rounds fine-tune the base weights (each on its own round's solutions)
+    recs = [json.loads((tmp_path / f"round{r}/policy/trained.json").read_text()) for r in (0, 1)]
+    assert recs[0]["key"]["base_weights"] == recs[1]["key"]["base_weights"]

@@ -2,17 +2,25 @@
 
     splits        TRAIN and EVAL from disjoint seeds (splits.json)
     round r:
-      train       search TRAIN with reward_r (r=0: the configured reward, e.g. the judge;
-                  r>0: the value head of round r-1), features on     round{r}/train/
+      train       search TRAIN with the round's policy and reward (r=0: the configured
+                  reward or improve.train_reward, e.g. verified terminals; r>0: the value
+                  head of round r-1, or, when round r-1 trained a new policy, round 0's
+                  TRAIN reward again, since the old head reads the old policy's features)
+                                                                      round{r}/train/
       labels      value targets of verified terminals + the policy's hidden states
                   (the reference is used here, for TRAIN labels only)  round{r}/labels.npz
       value       train the head, held-out TRAIN problems for early stopping and the
                   figures of its own quality                          round{r}/value.pt
-      eval        search EVAL with the new head (references hidden from the search: rewards
-                  never see them; correctness is scored after) at every budget; round 0 also
-                  runs the configured reward there as the baseline   eval/<reward>/<run>-<budget>/
-    report        accuracy + 95% CI, McNemar vs self-consistency and vs the baseline reward,
-                  pass@k, tokens                                      report.json / .md / .png
+      eval        search EVAL with the new head and the round's policy (references hidden
+                  from the search: rewards never see them; correctness is scored after) at
+                  every budget; round 0 also runs the configured reward there as the
+                  baseline (improve.eval_rounds: which rounds run this)
+                                                                      eval/<reward>/<run>-<budget>/
+      policy      (improve.policy.method sft|dpo) fine-tune the BASE policy on this round's
+                  TRAIN run (ReST-EM), export it, evaluate it against the round's policy
+                  (greedy, self-consistency); it is round r+1's policy  round{r}/policy/
+    report        accuracy + 95% CI, McNemar vs self-consistency of the same policy and vs
+                  the baseline reward, pass@k, tokens                 report.json / .md / .png
 
 Every stage resumes after a kill: searches through their results.jsonl (and refuse a run
 dir made with other settings), labels/value are written atomically and reused when their
@@ -78,6 +86,9 @@ class ImproveConfig:
     train_reward: dict[str, Any] = field(default_factory=dict)  # {}: the configured reward
     head: ValueHeadConfig = field(default_factory=ValueHeadConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)  # method none: no policy stage
+    # Rounds whose EVAL searches run (None: every round). Every round still trains its head
+    # and policy; e.g. [1] measures only the second round when round 0 is already known.
+    eval_rounds: list[int] | None = None
 
     def validate(self) -> None:
         def bad(name: str, msg: str) -> ValueError:
@@ -110,14 +121,20 @@ class ImproveConfig:
         unknown = sorted(set(self.eval_runs) - set(EVAL_RUNS))
         if unknown:
             raise bad("eval_runs", f"unknown {unknown}; choose from {list(EVAL_RUNS)}")
+        if self.eval_rounds is not None:
+            outside = [r for r in self.eval_rounds if not (0 <= r < self.rounds)]
+            if not self.eval_rounds or outside:
+                raise bad(
+                    "eval_rounds",
+                    f"must be null (every round) or a non-empty list of rounds in "
+                    f"0..{self.rounds - 1} (improve.rounds={self.rounds}); got {self.eval_rounds}",
+                )
         self.head.validate()
         self.policy.validate()
-        if self.policy.method != "none" and self.rounds != 1:
-            raise bad(
-                "rounds",
-                "the policy stage runs with rounds=1 (a second round would need the new "
-                "policy's own value labels); set improve.rounds=1",
-            )
+
+    def evaluates(self, r: int) -> bool:
+        """Whether round r searches EVAL."""
+        return self.eval_rounds is None or r in self.eval_rounds
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -156,13 +173,7 @@ def run_improve(
     cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    enable = getattr(generator, "enable_features", None)
-    if not callable(enable):
-        raise ValueError(
-            f"improve trains on the policy's hidden states; generator {type(generator).__name__}"
-            " does not return them (use generator=llama_cpp)"
-        )
-    enable()
+    _enable_features(generator)
     if splits is None:
         if task is None:
             raise ValueError("run_improve needs a task (reasoning-gym) or explicit splits")
@@ -176,8 +187,15 @@ def run_improve(
         task_of = {"train": None, "eval": None}
     _write_json(out / "splits.json", {**asdict(cfg), **splits.describe()})
     reward, tag = reward0, _tag(reward0)
+    gen = generator  # the policy of this round: round r > 0 searches with round r-1's policy
     for r in range(cfg.rounds):
-        search_reward = train_reward if (r == 0 and train_reward is not None) else reward
+        new_policy = r > 0 and cfg.policy.method != "none"
+        if new_policy:
+            # the previous head reads the old policy's hidden states (LearnedValue refuses
+            # the new one): TRAIN is searched as in round 0, and this round fits its own head
+            search_reward = train_reward if train_reward is not None else reward0
+        else:
+            search_reward = train_reward if (r == 0 and train_reward is not None) else reward
         rd = out / f"round{r}"
         train_cfg = replace(
             search_cfg,
@@ -193,7 +211,7 @@ def run_improve(
         )
         res = search(
             splits.train,
-            generator,
+            gen,
             search_reward,
             train_cfg,
             rd / "train",
@@ -202,23 +220,13 @@ def run_improve(
         )
         write_report_safely(rd / "train", summary=res.summary)  # report.html of the stage
         labels = _labels(rd, train_cfg.algorithm, cfg.min_support)
-        head_path = _value(rd, labels, cfg.head, generator)
-        policies: list[tuple[str, Generator]] = []
-        if cfg.policy.method != "none":  # cheap to train; greedy first, sampling last
-            gguf = _policy(rd, train_cfg.algorithm, cfg.policy, generator, base_hf)
-            if policy_generator is None:
-                raise ValueError("the policy stage needs policy_generator (a GGUF -> Generator)")
-            policies = [
-                (f"{POLICY_TAG}{r}", generator),
-                (f"{POLICY_TAG}{r + 1}", policy_generator(gguf)),
-            ]
-            for ptag, gen in policies:
-                _evaluate_greedy(out, splits.eval, gen, ptag, search_cfg)
-        if r == 0 and cfg.baseline:
+        head_path = _value(rd, labels, cfg.head, gen)
+        evaluate = cfg.evaluates(r)
+        if r == 0 and cfg.baseline and evaluate:
             _evaluate(
                 out,
                 splits.eval,
-                generator,
+                gen,
                 reward,
                 tag,
                 search_cfg,
@@ -227,18 +235,44 @@ def run_improve(
                 task_of["eval"],
                 budgets=cfg.baseline_budgets,
             )
-        reward = LearnedValue(generator, str(head_path))
+        reward = LearnedValue(gen, str(head_path))
         tag = f"learned_r{r}"
-        _evaluate(
-            out, splits.eval, generator, reward, tag, search_cfg, cfg, progress, task_of["eval"]
-        )
-        for ptag, gen in policies:
-            _evaluate_votes(out, splits.eval, gen, ptag, search_cfg, cfg, progress, task_of["eval"])
+        if evaluate:  # the question of issue 13: this round's head guiding this round's policy
+            _evaluate(
+                out, splits.eval, gen, reward, tag, search_cfg, cfg, progress, task_of["eval"]
+            )
+        if cfg.policy.method == "none":
+            continue
+        # ReST-EM: every round fine-tunes the BASE policy on this round's verified solutions
+        gguf = _policy(rd, train_cfg.algorithm, cfg.policy, generator, base_hf)
+        if policy_generator is None:
+            raise ValueError("the policy stage needs policy_generator (a GGUF -> Generator)")
+        nxt = policy_generator(gguf)
+        _enable_features(nxt)
+        if evaluate:  # greedy first (cheap), sampling last
+            policies = [(f"{POLICY_TAG}{r}", gen), (f"{POLICY_TAG}{r + 1}", nxt)]
+            for ptag, pgen in policies:
+                _evaluate_greedy(out, splits.eval, pgen, ptag, search_cfg)
+            for ptag, pgen in policies:
+                _evaluate_votes(
+                    out, splits.eval, pgen, ptag, search_cfg, cfg, progress, task_of["eval"]
+                )
+        gen = nxt
     from mcts.improve.report import write_report
 
     report = write_report(out, splits.eval, cfg)
     write_index_safely(out)  # index.html: every stage's report.html, the loop's plot
     return report
+
+
+def _enable_features(generator: Any) -> None:
+    enable = getattr(generator, "enable_features", None)
+    if not callable(enable):
+        raise ValueError(
+            f"improve trains on the policy's hidden states; generator {type(generator).__name__}"
+            " does not return them (use generator=llama_cpp)"
+        )
+    enable()
 
 
 def loop_splits(cfg: ImproveConfig, task: Any) -> Splits:

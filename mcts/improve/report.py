@@ -89,7 +89,13 @@ def _paired(a: dict[str, Any], b: dict[str, Any] | None) -> dict[str, Any] | Non
     x = [ka[i] for i in common]
     y = [kb[i] for i in common]
     wins, losses = discordant(x, y)
-    return {"n": len(common), "wins": wins, "losses": losses, "p": mcnemar_p(x, y)}
+    return {
+        "n": len(common),
+        "wins": wins,
+        "losses": losses,
+        "p": mcnemar_p(x, y),
+        "against": b["reward"],  # which run it was paired with
+    }
 
 
 def write_report(out: Path, eval_problems: list[Problem], cfg: Any) -> dict[str, Any]:
@@ -103,7 +109,9 @@ def write_report(out: Path, eval_problems: list[Problem], cfg: Any) -> dict[str,
     )
     index = {(r["reward"], r["method"], r["budget"]): r for r in recs}
     for r in recs:
-        sc = next(
+        # the vote of the same run's samples (the same policy) when there is one: a round
+        # searched with a fine-tuned policy is compared with that policy's own vote
+        sc = index.get((r["reward"], "self_consistency", r["budget"])) or next(
             (
                 index.get((t, "self_consistency", r["budget"]))
                 for t in tags
@@ -165,7 +173,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"EVAL problems: {report['eval_problems']}; baseline reward: {report['baseline']}. "
         "Accuracy of the selected answer (95% Wilson CI); paired tests are exact McNemar "
-        "(wins/losses = problems only this method / only the other got right).",
+        "(wins/losses = problems only this method / only the other got right). "
+        "learned_r<k> searches with round k's policy and is tested against that policy's "
+        "own vote (self-consistency of the same run's samples).",
         "",
         "| reward | method | budget | n | accuracy (95% CI) | vs self-consistency | "
         "vs baseline reward | vs previous policy | pass@k | gen tok | total tok |",

@@ -1,0 +1,109 @@
+"""Which value head to fit, chosen on held-out TRAIN problems only (never on EVAL).
+
+    python benchmarks/value_head_study.py RUN_DIR/round0/labels.npz [--seeds 5] [--write-results]
+
+Fits each candidate head below on the loop's TRAIN labels over several random splits BY
+PROBLEM (the split seed is the head's seed: steps of one problem never sit on both sides)
+and reports the held-out AUC, ECE and Brier score, mean and spread over the splits. The rule,
+fixed before running: the candidate with the highest mean AUC is used (ties within 0.005:
+the simpler one, listed first). Early stopping reads the same held-out problems, which
+flatters every candidate alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CANDIDATES = {  # name -> ValueHeadConfig fields (simplest first)
+    "logistic wd1e-4": dict(hidden=0, weight_decay=1e-4),
+    "logistic wd1e-2": dict(hidden=0, weight_decay=1e-2),
+    "mlp64 wd1e-2": dict(hidden=64, weight_decay=1e-2),
+    "mlp256 wd1e-2": dict(hidden=256, weight_decay=1e-2),
+}
+TITLE = "Value head choice (held-out TRAIN problems)"
+
+
+def study(labels_path: Path, seeds: int) -> dict[str, dict]:
+    from mcts.improve.labels import LabelSet
+    from rewards.value_model import ValueHeadConfig, train_value_head
+
+    labels = LabelSet.load(labels_path)
+    base = ValueHeadConfig()
+    out: dict[str, dict] = {}
+    for name, fields in CANDIDATES.items():
+        runs = []
+        for seed in range(seeds):
+            cfg = replace(base, seed=seed, **fields)
+            _, m = train_value_head(
+                labels.X, labels.y, groups=labels.groups, weights=labels.weights, cfg=cfg
+            )
+            runs.append({k: m[k] for k in ("auc", "ece", "brier", "epochs_run")})
+        summary = {
+            k: [float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs]))]
+            for k in ("auc", "ece", "brier")
+        }
+        out[name] = {"config": asdict(replace(base, **fields)), "runs": runs, **summary}
+        print(f"{name:>18}: AUC {summary['auc'][0]:.3f} +- {summary['auc'][1]:.3f}", flush=True)
+    return out
+
+
+def choose(res: dict[str, dict]) -> str:
+    best = max(v["auc"][0] for v in res.values())
+    return next(n for n, v in res.items() if v["auc"][0] >= best - 0.005)
+
+
+def to_markdown(res: dict[str, dict], labels_path: Path, meta: dict, seeds: int) -> str:
+    lines = [
+        f"Labels: `{labels_path}` ({meta.get('rows')} steps of {meta.get('problems')} TRAIN "
+        f"problems, {meta.get('positive_rate', 0):.1%} with value >= 0.5); {seeds} random "
+        "splits by problem (20% held out). Mean +- sd over the splits.",
+        "",
+        "| head | AUC | ECE | Brier |",
+        "|---|---|---|---|",
+    ]
+    for name, v in res.items():
+        lines.append(
+            f"| {name} | {v['auc'][0]:.3f} +- {v['auc'][1]:.3f} | {v['ece'][0]:.3f} +- "
+            f"{v['ece'][1]:.3f} | {v['brier'][0]:.4f} +- {v['brier'][1]:.4f} |"
+        )
+    lines += ["", f"Chosen by the rule in the script (highest mean AUC): **{choose(res)}**."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("labels", type=Path, help="round<k>/labels.npz of a loop run (TRAIN only)")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--write-results", action="store_true")
+    a = ap.parse_args(argv)
+    if not a.labels.is_file():
+        sys.exit(f"{a.labels}: no such labels file (run the loop's TRAIN stage first)")
+    from mcts.improve.labels import LabelSet
+
+    meta = LabelSet.load(a.labels).meta
+    res = study(a.labels, a.seeds)
+    md = to_markdown(res, a.labels, meta, a.seeds)
+    out = ROOT / "benchmarks" / "out"
+    out.mkdir(exist_ok=True)
+    (out / "value_head_study.json").write_text(json.dumps(res, indent=2))
+    print(md)
+    if a.write_results:
+        from benchmarks._results import write_section
+
+        cmd = (
+            f"`python benchmarks/value_head_study.py {a.labels} --seeds {a.seeds} --write-results`"
+        )
+        write_section(TITLE, f"Command: {cmd}\n\n" + md)
+
+
+if __name__ == "__main__":
+    main()
