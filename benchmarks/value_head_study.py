@@ -5,8 +5,9 @@
 Fits each candidate head below on the loop's TRAIN labels over several random splits BY
 PROBLEM (the split seed is the head's seed: steps of one problem never sit on both sides)
 and reports the held-out AUC, ECE and Brier score, mean and spread over the splits. The rule,
-fixed before running: the candidate with the highest mean AUC is used (ties within 0.005:
-the simpler one, listed first). Early stopping reads the same held-out problems, which
+fixed before running on the full labels: the one-standard-error rule, i.e. the simplest
+candidate (listed first) whose mean AUC is within one standard error of the best mean
+(sd / sqrt(seeds) of the best). Early stopping reads the same held-out problems, which
 flatters every candidate alike.
 """
 
@@ -23,13 +24,42 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CANDIDATES = {  # name -> ValueHeadConfig fields (simplest first)
-    "logistic wd1e-4": dict(hidden=0, weight_decay=1e-4),
-    "logistic wd1e-2": dict(hidden=0, weight_decay=1e-2),
-    "mlp64 wd1e-2": dict(hidden=64, weight_decay=1e-2),
-    "mlp256 wd1e-2": dict(hidden=256, weight_decay=1e-2),
+CANDIDATES = {  # name -> (ValueHeadConfig fields, extra scalar columns); simplest first
+    "logistic wd1e-4": (dict(hidden=0, weight_decay=1e-4), []),
+    "logistic wd1e-2": (dict(hidden=0, weight_decay=1e-2), []),
+    "mlp64 wd1e-2": (dict(hidden=64, weight_decay=1e-2), []),
+    "mlp256 wd1e-2": (dict(hidden=256, weight_decay=1e-2), []),
+    # cheap features the search could hand the head besides the hidden state
+    "logistic wd1e-4 + depth, terminal": (dict(hidden=0), ["depth", "terminal"]),
+    "logistic wd1e-4 + step logprob": (dict(hidden=0), ["mean_logprob", "min_logprob"]),
+    "logistic wd1e-4 + all four": (
+        dict(hidden=0),
+        ["depth", "terminal", "mean_logprob", "min_logprob"],
+    ),
 }
 TITLE = "Value head choice (held-out TRAIN problems)"
+
+
+def extra_columns(labels) -> dict[str, np.ndarray]:
+    """Per-row scalars read back from the TRAIN trees the labels came from (by problem id
+    and node): the step's depth, whether it ends the solution, its tokens' logprobs."""
+    from mcts.export.trees import load_tree, tree_path
+
+    run_dir = Path(labels.meta["run_dir"])
+    cols: dict[str, list[float]] = {
+        k: [] for k in ("depth", "terminal", "mean_logprob", "min_logprob")
+    }
+    trees: dict[str, object] = {}
+    for pid, node in zip(labels.problem_ids, labels.nodes, strict=True):
+        if pid not in trees:
+            trees[pid] = load_tree(tree_path(run_dir, str(pid), labels.meta["algorithm"]))
+        d = trees[pid].nodes[int(node)]
+        lp = d.get("token_logprobs") or [0.0]
+        cols["depth"].append(float(d["depth"]))
+        cols["terminal"].append(float(bool(d["terminal"])))
+        cols["mean_logprob"].append(float(np.mean(lp)))
+        cols["min_logprob"].append(float(np.min(lp)))
+    return {k: np.asarray(v, dtype=np.float32) for k, v in cols.items()}
 
 
 def study(labels_path: Path, seeds: int) -> dict[str, dict]:
@@ -37,28 +67,33 @@ def study(labels_path: Path, seeds: int) -> dict[str, dict]:
     from rewards.value_model import ValueHeadConfig, train_value_head
 
     labels = LabelSet.load(labels_path)
+    extra = extra_columns(labels)
     base = ValueHeadConfig()
     out: dict[str, dict] = {}
-    for name, fields in CANDIDATES.items():
+    for name, (fields, cols) in CANDIDATES.items():
+        X = np.hstack([labels.X, *[extra[c][:, None] for c in cols]]) if cols else labels.X
         runs = []
         for seed in range(seeds):
-            cfg = replace(base, seed=seed, **fields)
+            cfg = replace(base, seed=seed, extra_features=list(cols), **fields)
             _, m = train_value_head(
-                labels.X, labels.y, groups=labels.groups, weights=labels.weights, cfg=cfg
+                X, labels.y, groups=labels.groups, weights=labels.weights, cfg=cfg
             )
             runs.append({k: m[k] for k in ("auc", "ece", "brier", "epochs_run")})
         summary = {
             k: [float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs]))]
             for k in ("auc", "ece", "brier")
         }
-        out[name] = {"config": asdict(replace(base, **fields)), "runs": runs, **summary}
+        cfg = replace(base, extra_features=list(cols), **fields)
+        out[name] = {"config": asdict(cfg), "runs": runs, **summary}
         print(f"{name:>18}: AUC {summary['auc'][0]:.3f} +- {summary['auc'][1]:.3f}", flush=True)
     return out
 
 
 def choose(res: dict[str, dict]) -> str:
-    best = max(v["auc"][0] for v in res.values())
-    return next(n for n, v in res.items() if v["auc"][0] >= best - 0.005)
+    """The one-standard-error rule over the splits (see the module docstring)."""
+    best = max(res.values(), key=lambda v: v["auc"][0])
+    se = best["auc"][1] / np.sqrt(len(best["runs"]))
+    return next(n for n, v in res.items() if v["auc"][0] >= best["auc"][0] - se)
 
 
 def to_markdown(res: dict[str, dict], labels_path: Path, meta: dict, seeds: int) -> str:
@@ -75,7 +110,11 @@ def to_markdown(res: dict[str, dict], labels_path: Path, meta: dict, seeds: int)
             f"| {name} | {v['auc'][0]:.3f} +- {v['auc'][1]:.3f} | {v['ece'][0]:.3f} +- "
             f"{v['ece'][1]:.3f} | {v['brier'][0]:.4f} +- {v['brier'][1]:.4f} |"
         )
-    lines += ["", f"Chosen by the rule in the script (highest mean AUC): **{choose(res)}**."]
+    lines += [
+        "",
+        f"Chosen by the rule in the script (the simplest within one standard error of the "
+        f"best mean AUC): **{choose(res)}**.",
+    ]
     return "\n".join(lines) + "\n"
 
 

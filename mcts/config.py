@@ -183,6 +183,13 @@ class SearchConfig:
         return "rest" if self.algorithm == "rest_mcts" else "mc"
 
     @property
+    def system(self) -> str:
+        """The system prompt in force (None: mcts.prompts.DEFAULT_SYSTEM)."""
+        from mcts.prompts import DEFAULT_SYSTEM
+
+        return self.system_prompt if self.system_prompt is not None else DEFAULT_SYSTEM
+
+    @property
     def beam_pick(self) -> str:
         """The beam/DVTS answer rule in force ("auto" resolved by algorithm)."""
         if self.beam_selection != "auto":

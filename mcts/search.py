@@ -22,7 +22,7 @@ import numpy as np
 from mcts.algorithms import make_policy
 from mcts.algorithms.base import Children, Expansion, Policy
 from mcts.config import SearchConfig
-from mcts.prompts import DEFAULT_SYSTEM, join_steps, problem_messages
+from mcts.prompts import join_steps, problem_messages
 from mcts.results import ProblemResult
 from mcts.state import BatchState, NodeData, request_seed
 from mcts.targets import annotate_tree
@@ -154,7 +154,7 @@ class Search:
         self.cfg = cfg
         self.on_result = on_result
         self.progress = progress
-        self.system = cfg.system_prompt if cfg.system_prompt is not None else DEFAULT_SYSTEM
+        self.system = cfg.system
         self.stats = empty_stats()
         self._forest: Forest | None = None
 

@@ -41,7 +41,6 @@ from mcts.export.io import atomic_write_text
 from mcts.improve.labels import LabelSet, label_rows
 from mcts.improve.policy import PolicyConfig
 from mcts.improve.splits import Splits, check_disjoint, make_splits
-from mcts.prompts import DEFAULT_SYSTEM
 from mcts.report import write_index_safely, write_report_safely
 from mcts.types import Generator, Reward
 from rewards.value_model import ValueHead, ValueHeadConfig, data_fingerprint, train_value_head
@@ -382,7 +381,7 @@ def _evaluate_greedy(
         problems,
         generator,
         out / "eval" / tag / "greedy-0",
-        system=search_cfg.system_prompt if search_cfg.system_prompt is not None else DEFAULT_SYSTEM,
+        system=search_cfg.system,
         max_tokens=search_cfg.solution_max_tokens,
         extra={"generator": ident() if callable(ident) else type(generator).__name__},
     )
