@@ -17,6 +17,7 @@ stage trains the round-2 policy (ReST-EM's second iteration).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         if (out / fname).exists():
             shutil.copy(out / fname, dest / f"{name}.{fname.split('.')[-1]}")
     md = (out / "report.md").read_text()
+    if a.second_round:
+        md += "\n" + against_round0(report, dest / "self_improve.json")
     print(md)
     if a.write_results:
         from benchmarks._results import write_section
@@ -95,6 +98,37 @@ def main(argv: list[str] | None = None) -> None:
         write_section(title, body)
     recs = report.get("records", [])
     print(f"{len(recs)} records; run directory: {out}")
+
+
+def against_round0(report: dict, stored: Path) -> str:
+    """The second round's runs paired with the first benchmark's round-0 runs (same EVAL
+    ids, checked): did the whole loop (new policy + its head) beat what it started from?"""
+    from mcts.improve.report import _fmt_test, _paired
+
+    if not stored.is_file():
+        return f"(no {stored.name}: run the first benchmark to pair round 1 with round 0)\n"
+    old = json.loads(stored.read_text())["records"]
+    index = {(r["reward"], r["method"], r["budget"]): r for r in old}
+    lines = [
+        "Round 1 (this run) against round 0 (the first benchmark, benchmarks/out/"
+        f"{stored.name}; the same {report['eval_problems']} EVAL problems), exact McNemar:",
+        "",
+        "| this run | accuracy | vs the same method in round 0 | vs round 0's self-consistency |",
+        "|---|---|---|---|",
+    ]
+    for r in sorted(report["records"], key=lambda r: (r["budget"], r["method"], r["reward"])):
+        if not r["reward"].startswith("learned"):
+            continue
+        same = index.get(("learned_r0", r["method"], r["budget"]))
+        sc0 = index.get(("policy_r0", "self_consistency", r["budget"]))
+        for o in (same, sc0):
+            if o is not None and set(o["ids"]) != set(r["ids"]) and r["complete"]:
+                raise SystemExit(f"{stored}: its EVAL ids differ from this run's")
+        lines.append(
+            f"| {r['reward']} {r['method']} {r['budget']} | {r['accuracy']:.3f} | "
+            f"{_fmt_test(_paired(r, same))} | {_fmt_test(_paired(r, sc0))} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
