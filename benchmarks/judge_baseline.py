@@ -94,9 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         if set(other["ids"]) != set(rec["ids"]):
             sys.exit(f"{stored}: its {reward_tag}/{method} ids are not this run's EVAL ids")
         label = "learned-value MCTS" if method == "mcts" else "self-consistency"
-        lines.append(
-            f"| {label} | {other['accuracy']:.3f} | {_fmt_test(_paired(rec, other))} |"
-        )
+        lines.append(f"| {label} | {other['accuracy']:.3f} | {_fmt_test(_paired(rec, other))} |")
     md = "\n".join(lines) + "\n"
     print(md)
     if a.write_results:

@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> None:
         cmd = (
             f"`python benchmarks/value_head_study.py {a.labels} --seeds {a.seeds} --write-results`"
         )
-        write_section(TITLE, f"Command: {cmd}\n\n" + md)
+        notes = ROOT / "benchmarks" / "value_head_study_notes.md"  # the reading, by hand
+        extra = "\n" + notes.read_text() if notes.exists() else ""
+        write_section(TITLE, f"Command: {cmd}\n\n" + md + extra)
 
 
 if __name__ == "__main__":
