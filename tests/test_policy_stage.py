@@ -146,11 +146,9 @@ def test_bad_policy_settings_are_named(field, value):
         PolicyConfig(**{field: value}).validate()
 
 
-def test_loop_policy_stage_trains_exports_and_reports_both_policies(base, tmp_path):
-    from mcts.improve import ImproveConfig, run_improve
+def _planted_splits():
+    """16 TRAIN and 8 EVAL problems of the planted world (the loop tests' splits)."""
     from mcts.improve.splits import Splits
-    from rewards.value_model import ValueHeadConfig
-    from tests.fakes import FeatureFakeGenerator, fake_config
 
     def planted(prefix, n):
         return [
@@ -158,7 +156,15 @@ def test_loop_policy_stage_trains_exports_and_reports_both_policies(base, tmp_pa
             for i in range(n)
         ]
 
-    splits = Splits(train=planted("train", 16), eval=planted("eval", 8), dropped_from_train=0)
+    return Splits(train=planted("train", 16), eval=planted("eval", 8), dropped_from_train=0)
+
+
+def test_loop_policy_stage_trains_exports_and_reports_both_policies(base, tmp_path):
+    from mcts.improve import ImproveConfig, run_improve
+    from rewards.value_model import ValueHeadConfig
+    from tests.fakes import FeatureFakeGenerator, fake_config
+
+    splits = _planted_splits()
     cfg = ImproveConfig(
         train_budget=60,
         budgets=[40],
@@ -202,17 +208,10 @@ def test_a_second_round_searches_with_the_new_policy_and_fits_its_own_head(base,
     fits a head on the new policy's features, and is compared with that policy's own vote;
     eval_rounds=[1] leaves round 0 unevaluated."""
     from mcts.improve import ImproveConfig, run_improve
-    from mcts.improve.splits import Splits
     from rewards.value_model import ValueHead, ValueHeadConfig
     from tests.fakes import FeatureFakeGenerator, fake_config
 
-    def planted(prefix, n):
-        return [
-            Problem(id=f"{prefix}{i}", question=f"{prefix} problem {i}?", answer=RIGHT)
-            for i in range(n)
-        ]
-
-    splits = Splits(train=planted("train", 16), eval=planted("eval", 8), dropped_from_train=0)
+    splits = _planted_splits()
     cfg = ImproveConfig(
         rounds=2,
         eval_rounds=[1],
