@@ -14,7 +14,6 @@ same base policy at the same budget): the same EVAL ids, checked.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -32,28 +31,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--write-results", action="store_true")
     a = ap.parse_args(argv)
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
-    import mcts.improve.__main__  # noqa: F401  (registers the config schema Hydra composes)
-    from benchmarks.self_improve import OVERRIDES
-    from mcts.config import SearchConfig
-    from mcts.generators.factory import make_generator
+    import mcts.improve.__main__ as app  # registers the config schema Hydra composes
+    from benchmarks.self_improve import OVERRIDES, paired_with, stored_records
     from mcts.improve.loop import _evaluate, _task_dict, loop_splits
-    from mcts.improve.report import _fmt_test, _paired, collect
-    from rewards.factory import make_reward
+    from mcts.improve.report import _fmt_test, collect
 
     stored = ROOT / "benchmarks" / "out" / "self_improve.json"
     if not stored.is_file():
         sys.exit(f"{stored}: missing; run benchmarks/self_improve.py first (round 0's records)")
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(config_name="improve", overrides=OVERRIDES)
-    icfg = OmegaConf.to_object(cfg.improve)
-    scfg = SearchConfig.from_dict(OmegaConf.to_container(cfg.search, resolve=True))
-    task = OmegaConf.to_container(cfg.task, resolve=True)
+    icfg, scfg, gen, reward, task = app.build(cfg)
     splits = loop_splits(icfg, task)
     out = (ROOT / a.out).resolve()
-    gen = make_generator(OmegaConf.to_container(cfg.generator, resolve=True))
-    reward = make_reward(OmegaConf.to_container(cfg.reward, resolve=True), gen)
     tag = str(getattr(reward, "name", "judge"))
     task_eval = {**_task_dict(task), "seed": icfg.eval_seed, "size": icfg.eval_size}
     _evaluate(
@@ -69,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         budgets=[a.budget],
     )
     (rec,) = [r for r in collect(out, splits.eval, [a.budget]) if r["method"] == "mcts"]
-    old = json.loads(stored.read_text())["records"]
+    old = stored_records(stored)
     lines = [
         f"Command: `python benchmarks/judge_baseline.py --budget {a.budget} --write-results` "
         f"(settings of benchmarks/self_improve.py). {rec['n']} EVAL problems; MCTS with the "
@@ -80,21 +71,11 @@ def main(argv: list[str] | None = None) -> None:
         "| judge MCTS vs (round 0, same budget) | its accuracy | judge wins/losses, McNemar p |",
         "|---|---|---|",
     ]
-    for reward_tag, method in (("learned_r0", "mcts"), ("learned_r0", "self_consistency")):
-        other = next(
-            (
-                r
-                for r in old
-                if (r["reward"], r["method"], r["budget"]) == (reward_tag, method, a.budget)
-            ),
-            None,
-        )
-        if other is None:
-            continue
-        if set(other["ids"]) != set(rec["ids"]):
-            sys.exit(f"{stored}: its {reward_tag}/{method} ids are not this run's EVAL ids")
-        label = "learned-value MCTS" if method == "mcts" else "self-consistency"
-        lines.append(f"| {label} | {other['accuracy']:.3f} | {_fmt_test(_paired(rec, other))} |")
+    for method, label in (("mcts", "learned-value MCTS"), ("self_consistency", "self-consistency")):
+        other = old.get(("learned_r0", method, a.budget))
+        if other is not None:
+            test = _fmt_test(paired_with(rec, other, stored))
+            lines.append(f"| {label} | {other['accuracy']:.3f} | {test} |")
     md = "\n".join(lines) + "\n"
     print(md)
     if a.write_results:

@@ -100,15 +100,34 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(recs)} records; run directory: {out}")
 
 
+def stored_records(stored: Path) -> dict[tuple[str, str, int], dict]:
+    """The first benchmark's records (benchmarks/out/self_improve.json) by (reward, method,
+    budget): what later runs on the same EVAL problems are paired with."""
+    return {
+        (r["reward"], r["method"], r["budget"]): r
+        for r in json.loads(stored.read_text())["records"]
+    }
+
+
+def paired_with(rec: dict, other: dict | None, stored: Path) -> dict | None:
+    """McNemar of `rec` against a stored record, refusing records of other EVAL problems."""
+    from mcts.improve.report import _paired
+
+    if other is not None and rec["complete"] and set(other["ids"]) != set(rec["ids"]):
+        raise SystemExit(
+            f"{stored}: its {other['reward']}/{other['method']} EVAL ids differ from this run's"
+        )
+    return _paired(rec, other)
+
+
 def against_round0(report: dict, stored: Path) -> str:
     """The second round's runs paired with the first benchmark's round-0 runs (same EVAL
     ids, checked): did the whole loop (new policy + its head) beat what it started from?"""
-    from mcts.improve.report import _fmt_test, _paired
+    from mcts.improve.report import _fmt_test
 
     if not stored.is_file():
         return f"(no {stored.name}: run the first benchmark to pair round 1 with round 0)\n"
-    old = json.loads(stored.read_text())["records"]
-    index = {(r["reward"], r["method"], r["budget"]): r for r in old}
+    index = stored_records(stored)
     lines = [
         "Round 1 (this run) against round 0 (the first benchmark, benchmarks/out/"
         f"{stored.name}; the same {report['eval_problems']} EVAL problems), exact McNemar:",
@@ -121,12 +140,10 @@ def against_round0(report: dict, stored: Path) -> str:
             continue
         same = index.get(("learned_r0", r["method"], r["budget"]))
         sc0 = index.get(("policy_r0", "self_consistency", r["budget"]))
-        for o in (same, sc0):
-            if o is not None and set(o["ids"]) != set(r["ids"]) and r["complete"]:
-                raise SystemExit(f"{stored}: its EVAL ids differ from this run's")
         lines.append(
             f"| {r['reward']} {r['method']} {r['budget']} | {r['accuracy']:.3f} | "
-            f"{_fmt_test(_paired(r, same))} | {_fmt_test(_paired(r, sc0))} |"
+            f"{_fmt_test(paired_with(r, same, stored))} | "
+            f"{_fmt_test(paired_with(r, sc0, stored))} |"
         )
     return "\n".join(lines) + "\n"
 

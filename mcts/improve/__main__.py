@@ -38,16 +38,27 @@ cs.store(name="improve_schema", node=ImproveRunConfig)
 cs.store(group="search", name="search_schema", node=SearchConfig)
 
 
+def build(cfg: DictConfig) -> tuple[ImproveConfig, SearchConfig, Any, Any, dict[str, Any]]:
+    """The loop's settings, policy, configured reward and task from a composed config
+    (settings validated before any model loads)."""
+    from mcts.generators.factory import make_generator
+    from rewards.factory import make_reward
+
+    icfg: ImproveConfig = OmegaConf.to_object(cfg.improve)  # type: ignore[assignment]
+    icfg.validate()
+    scfg = SearchConfig.from_dict(OmegaConf.to_container(cfg.search, resolve=True))
+    gen = make_generator(OmegaConf.to_container(cfg.generator, resolve=True))
+    reward = make_reward(OmegaConf.to_container(cfg.reward, resolve=True), gen)
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    return icfg, scfg, gen, reward, task  # type: ignore[return-value]
+
+
 def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """What `main` does, without Hydra's decorator (tests)."""
     from mcts.generators.factory import make_generator
     from rewards.factory import make_reward
 
-    icfg: ImproveConfig = OmegaConf.to_object(cfg.improve)  # type: ignore[assignment]
-    icfg.validate()  # before any model loads
-    scfg = SearchConfig.from_dict(OmegaConf.to_container(cfg.search, resolve=True))
-    gen = make_generator(OmegaConf.to_container(cfg.generator, resolve=True))
-    reward = make_reward(OmegaConf.to_container(cfg.reward, resolve=True), gen)
+    icfg, scfg, gen, reward, task = build(cfg)
     train_reward = make_reward(dict(icfg.train_reward), gen) if icfg.train_reward else None
     gen_cfg = OmegaConf.to_container(cfg.generator, resolve=True)
 
@@ -55,7 +66,6 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         """The fine-tuned policy, served like the first one (same settings, new weights)."""
         return make_generator({**gen_cfg, "model_path": str(gguf)})
 
-    task = OmegaConf.to_container(cfg.task, resolve=True)
     return run_improve(
         icfg,
         scfg,
