@@ -4,11 +4,15 @@
 
 Fits each candidate head below on the loop's TRAIN labels over several random splits BY
 PROBLEM (the split seed is the head's seed: steps of one problem never sit on both sides)
-and reports the held-out AUC, ECE and Brier score, mean and spread over the splits. The rule,
-fixed before running on the full labels: the one-standard-error rule, i.e. the simplest
-candidate (listed first) whose mean AUC is within one standard error of the best mean
-(sd / sqrt(seeds) of the best). Early stopping reads the same held-out problems, which
-flatters every candidate alike.
+and reports the held-out AUC, the within-problem AUC (pairs of one problem's correct and
+incorrect steps only), ECE and Brier score, mean and spread over the splits. The rule, fixed
+before running on the full labels: the one-standard-error rule, i.e. the simplest candidate
+(listed first) whose mean AUC is within one standard error of the best mean (sd / sqrt(seeds)
+of the best). The same rule is applied to the within-problem AUC, added after the loop's EVAL
+runs showed the head ordering one problem's candidates far worse than it orders steps across
+problems (it learns which problems are easy); the pairwise candidates (rStar-Math's ranking
+loss within a problem) were added then too. Early stopping reads the same held-out problems,
+which flatters every candidate alike.
 """
 
 from __future__ import annotations
@@ -36,7 +40,11 @@ CANDIDATES = {  # name -> (ValueHeadConfig fields, extra scalar columns); simple
         dict(hidden=0),
         ["depth", "terminal", "mean_logprob", "min_logprob"],
     ),
+    # BCE + a Bradley-Terry loss over pairs of one problem's steps (ValueHeadConfig.pairwise)
+    "logistic wd1e-4 + pairwise 1": (dict(hidden=0, pairwise=1.0), []),
+    "logistic wd1e-4 + pairwise 4": (dict(hidden=0, pairwise=4.0), []),
 }
+METRICS = ("auc", "within_auc", "ece", "brier")
 TITLE = "Value head choice (held-out TRAIN problems)"
 
 
@@ -78,69 +86,83 @@ def study(labels_path: Path, seeds: int) -> dict[str, dict]:
             _, m = train_value_head(
                 X, labels.y, groups=labels.groups, weights=labels.weights, cfg=cfg
             )
-            runs.append({k: m[k] for k in ("auc", "ece", "brier", "epochs_run")})
+            runs.append({k: m[k] for k in (*METRICS, "within_groups", "epochs_run")})
         summary = {
-            k: [float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs]))]
-            for k in ("auc", "ece", "brier")
+            k: [float(np.nanmean([r[k] for r in runs])), float(np.nanstd([r[k] for r in runs]))]
+            for k in METRICS
         }
         cfg = replace(base, extra_features=list(cols), **fields)
         out[name] = {"config": asdict(cfg), "runs": runs, **summary}
-        print(f"{name:>18}: AUC {summary['auc'][0]:.3f} +- {summary['auc'][1]:.3f}", flush=True)
+        print(
+            f"{name:>18}: AUC {summary['auc'][0]:.3f} +- {summary['auc'][1]:.3f}, within "
+            f"{summary['within_auc'][0]:.3f} +- {summary['within_auc'][1]:.3f}",
+            flush=True,
+        )
     return out
 
 
-def choose(res: dict[str, dict]) -> str:
+def choose(res: dict[str, dict], key: str = "auc") -> str:
     """The one-standard-error rule over the splits (see the module docstring)."""
-    best = max(res.values(), key=lambda v: v["auc"][0])
-    se = best["auc"][1] / np.sqrt(len(best["runs"]))
-    return next(n for n, v in res.items() if v["auc"][0] >= best["auc"][0] - se)
+    best = max(res.values(), key=lambda v: v[key][0])
+    se = best[key][1] / np.sqrt(len(best["runs"]))
+    return next(n for n, v in res.items() if v[key][0] >= best[key][0] - se)
 
 
 def to_markdown(res: dict[str, dict], labels_path: Path, meta: dict, seeds: int) -> str:
+    first = next(iter(res.values()))["runs"]
+    groups = "-".join(str(f(r["within_groups"] for r in first)) for f in (min, max))
     lines = [
         f"Labels: `{labels_path}` ({meta.get('rows')} steps of {meta.get('problems')} TRAIN "
         f"problems, {meta.get('positive_rate', 0):.1%} with value >= 0.5); {seeds} random "
-        "splits by problem (20% held out). Mean +- sd over the splits.",
+        "splits by problem (20% held out). Mean +- sd over the splits. Within-problem AUC: "
+        "over pairs of one held-out problem's steps with value >= 0.5 and < 0.5 only (held-out "
+        f"problems with both per split: {groups}).",
         "",
-        "| head | AUC | ECE | Brier |",
-        "|---|---|---|---|",
+        "| head | AUC | within-problem AUC | ECE | Brier |",
+        "|---|---|---|---|---|",
     ]
     for name, v in res.items():
         lines.append(
-            f"| {name} | {v['auc'][0]:.3f} +- {v['auc'][1]:.3f} | {v['ece'][0]:.3f} +- "
-            f"{v['ece'][1]:.3f} | {v['brier'][0]:.4f} +- {v['brier'][1]:.4f} |"
+            f"| {name} | {v['auc'][0]:.3f} +- {v['auc'][1]:.3f} | {v['within_auc'][0]:.3f} +- "
+            f"{v['within_auc'][1]:.3f} | {v['ece'][0]:.3f} +- {v['ece'][1]:.3f} | "
+            f"{v['brier'][0]:.4f} +- {v['brier'][1]:.4f} |"
         )
     lines += [
         "",
         f"Chosen by the rule in the script (the simplest within one standard error of the "
-        f"best mean AUC): **{choose(res)}**.",
+        f"best mean): by AUC **{choose(res)}**; by within-problem AUC "
+        f"**{choose(res, 'within_auc')}**.",
     ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("labels", type=Path, help="round<k>/labels.npz of a loop run (TRAIN only)")
+    ap.add_argument(
+        "labels", type=Path, nargs="+", help="round<k>/labels.npz of a loop run (TRAIN only)"
+    )
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--write-results", action="store_true")
     a = ap.parse_args(argv)
-    if not a.labels.is_file():
-        sys.exit(f"{a.labels}: no such labels file (run the loop's TRAIN stage first)")
+    for path in a.labels:
+        if not path.is_file():
+            sys.exit(f"{path}: no such labels file (run the loop's TRAIN stage first)")
     from mcts.improve.labels import LabelSet
 
-    meta = LabelSet.load(a.labels).meta
-    res = study(a.labels, a.seeds)
-    md = to_markdown(res, a.labels, meta, a.seeds)
+    results, parts = {}, []
+    for path in a.labels:  # one table per labels file (e.g. each round's policy)
+        results[str(path)] = res = study(path, a.seeds)
+        parts.append(to_markdown(res, path, LabelSet.load(path).meta, a.seeds))
+    md = "\n".join(parts)
     out = ROOT / "benchmarks" / "out"
     out.mkdir(exist_ok=True)
-    (out / "value_head_study.json").write_text(json.dumps(res, indent=2))
+    (out / "value_head_study.json").write_text(json.dumps(results, indent=2))
     print(md)
     if a.write_results:
         from benchmarks._results import write_section
 
-        cmd = (
-            f"`python benchmarks/value_head_study.py {a.labels} --seeds {a.seeds} --write-results`"
-        )
+        files = " ".join(str(p) for p in a.labels)
+        cmd = f"`python benchmarks/value_head_study.py {files} --seeds {a.seeds} --write-results`"
         notes = ROOT / "benchmarks" / "value_head_study_notes.md"  # the reading, by hand
         extra = "\n" + notes.read_text() if notes.exists() else ""
         write_section(TITLE, f"Command: {cmd}\n\n" + md + extra)

@@ -34,9 +34,11 @@ __all__ = [
     "FORMAT_VERSION",
     "ValueHead",
     "ValueHeadConfig",
+    "binary_auc",
     "data_fingerprint",
     "evaluate",
     "train_value_head",
+    "within_group_auc",
 ]
 
 FORMAT = "mcts-reason/value-head"
@@ -62,6 +64,11 @@ class ValueHeadConfig:
     standardize: bool = True  # mean/std of the training rows live in the checkpoint
     extra_features: list[str] = field(default_factory=list)  # names of appended scalar columns
     threads: int = 1  # torch threads while training (restored after); 0 leaves torch's setting
+    # Weight of a within-problem ranking loss added to the BCE (rStar-Math's process preference
+    # model: -log sigmoid(s_pos - s_neg) over pairs of one problem's steps, value >= 0.5 vs
+    # < 0.5). BCE alone learns mostly which PROBLEMS are easy; picking among one problem's
+    # candidates needs the order within a problem. 0 = BCE only.
+    pairwise: float = 0.0
 
     def validate(self) -> ValueHeadConfig:
         """Raise ValueError naming the first bad field; return self for chaining."""
@@ -95,6 +102,7 @@ class ValueHeadConfig:
             "standardize": (lambda v: isinstance(v, bool), "a bool"),
             "extra_features": (names, "a list of distinct non-empty column names"),
             "threads": (count(0), "an int >= 0 (0 = leave torch's setting)"),
+            "pairwise": (lambda v: number(v) and v >= 0, "a finite number >= 0 (0 = BCE only)"),
         }
         for name, (ok, want) in rules.items():
             if not ok(getattr(self, name)):
@@ -205,7 +213,7 @@ def _check_groups(groups: Any, n: int) -> list[str]:
 # ---------------------------------------------------------------- metrics
 
 
-def _auc(labels: np.ndarray, p: np.ndarray) -> float:
+def binary_auc(labels: np.ndarray, p: np.ndarray) -> float:
     """Mann-Whitney AUC with tied scores counted half; NaN if one class only."""
     pos = int(labels.sum())
     neg = len(labels) - pos
@@ -217,15 +225,53 @@ def _auc(labels: np.ndarray, p: np.ndarray) -> float:
     return float((ranks[labels].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
 
 
-def _metrics(p: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+def _within_pairs(labels: np.ndarray, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Index arrays (pos, neg) of every pair of rows of ONE group with labels True / False."""
+    by: dict[str, tuple[list[int], list[int]]] = {}
+    for i, (g, lab) in enumerate(zip(ids, labels, strict=True)):
+        by.setdefault(g, ([], []))[0 if lab else 1].append(i)
+    pos: list[np.ndarray] = []
+    neg: list[np.ndarray] = []
+    for ps, ns in by.values():
+        if ps and ns:
+            a, b = np.meshgrid(ps, ns, indexing="ij")
+            pos.append(a.ravel())
+            neg.append(b.ravel())
+    if not pos:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(pos).astype(np.int64), np.concatenate(neg).astype(np.int64)
+
+
+def within_group_auc(labels: Any, p: Any, groups: Any) -> tuple[float, int, int]:
+    """AUC over pairs of rows of the SAME problem (ties half): how well the scores order one
+    problem's correct and incorrect steps, which is what picking an answer needs. The plain
+    AUC also rewards knowing which problems are easy. Returns (auc, pairs, groups with both
+    classes); NaN when no problem has both."""
+    lab = np.asarray(labels, dtype=bool)
+    sc = np.asarray(p, dtype=np.float64)
+    pi, ni = _within_pairs(lab, [str(g) for g in groups])
+    if len(pi) == 0:
+        return float("nan"), 0, 0
+    diff = sc[pi] - sc[ni]
+    auc = float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / len(diff))
+    return auc, int(len(diff)), len({str(groups[i]) for i in pi})
+
+
+def _metrics(p: np.ndarray, y: np.ndarray, groups: list[str] | None = None) -> dict[str, Any]:
     """Unweighted metrics of predictions p against soft labels y (the same in train and eval)."""
     labels = y >= 0.5
     notes: list[str] = []
-    auc = _auc(labels, p)
+    auc = binary_auc(labels, p)
     if math.isnan(auc):
         notes.append(
             f"auc is NaN: the labels binarized at 0.5 have one class only ({int(labels.sum())} of {len(y)} >= 0.5)"
         )
+    within: dict[str, Any] = {}
+    if groups is not None:
+        w_auc, w_pairs, w_groups = within_group_auc(labels, p, groups)
+        within = {"within_auc": w_auc, "within_pairs": w_pairs, "within_groups": w_groups}
+        if math.isnan(w_auc):
+            notes.append("within_auc is NaN: no problem has both a correct and an incorrect step")
     pc = np.clip(p, _EPS, 1 - _EPS)
     log_loss = float(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc)))
     bins = np.minimum((p * N_BINS).astype(np.int64), N_BINS - 1)
@@ -247,6 +293,7 @@ def _metrics(p: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         "ece": float(ece),
         "log_loss": log_loss,  # soft labels: its floor is the labels' entropy, not 0
         "calibration": calibration,
+        **within,
         "notes": notes,
     }
 
@@ -256,6 +303,11 @@ def _weighted_bce(net: _Net, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) 
         loss = nn.functional.binary_cross_entropy_with_logits(net(x), y, reduction="none")
         total = float(w.sum())
         return float((loss * w).sum()) / total if total > 0 else float(loss.mean())
+
+
+def _rank_loss(logits_pos: torch.Tensor, logits_neg: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry: -log sigmoid(s_pos - s_neg), averaged over the pairs."""
+    return nn.functional.softplus(logits_neg - logits_pos).mean()
 
 
 # ---------------------------------------------------------------- the head
@@ -513,6 +565,25 @@ def train_value_head(
 
     x_tr, y_tr, w_tr = t(Xa[tr]), t(ya[tr]), t(wa[tr])
     x_va, y_va, w_va = t(Xa[va]), t(ya[va]), t(wa[va])
+    pairs_tr = pairs_va = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    if cfg.pairwise > 0:
+        pairs_tr = _within_pairs(ya[tr] >= 0.5, [ids[i] for i in tr])
+        pairs_va = _within_pairs(ya[va] >= 0.5, [ids[i] for i in va])
+        if len(pairs_tr[0]) == 0:
+            raise ValueError(
+                "ValueHeadConfig.pairwise > 0 needs problems with both a correct and an "
+                "incorrect step among the training problems, and none has both; set "
+                "pairwise=0 or search more TRAIN problems"
+            )
+
+    def objective(net: _Net) -> float:  # early stopping reads the training objective
+        loss = _weighted_bce(net, x_va, y_va, w_va)
+        if cfg.pairwise > 0 and len(pairs_va[0]):
+            with torch.no_grad():
+                lg = net(x_va)
+                loss += cfg.pairwise * float(_rank_loss(lg[pairs_va[0]], lg[pairs_va[1]]))
+        return loss
+
     w_scale = float(w_tr.mean()) or 1.0  # loss ~ weighted mean, step size independent of scale
 
     prev_threads = torch.get_num_threads()
@@ -545,11 +616,16 @@ def train_value_head(
                     logits, y_tr[idx], reduction="none"
                 )
                 loss = (loss * w_tr[idx]).sum() / (len(idx) * w_scale)
+                if cfg.pairwise > 0:  # as many random within-problem pairs as rows per step
+                    pick = torch.from_numpy(rng.integers(0, len(pairs_tr[0]), len(idx)))
+                    pos = x_tr[torch.from_numpy(pairs_tr[0])[pick]]
+                    neg = x_tr[torch.from_numpy(pairs_tr[1])[pick]]
+                    loss = loss + cfg.pairwise * _rank_loss(net(pos), net(neg))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
             net.eval()
-            val_loss = _weighted_bce(net, x_va, y_va, w_va)
+            val_loss = objective(net)
             history.append(val_loss)
             if val_loss < best_loss:
                 best_loss, best_epoch, stale = val_loss, epoch, 0
@@ -563,7 +639,7 @@ def train_value_head(
         torch.set_num_threads(prev_threads)
 
     head = ValueHead(net, cfg, dim)
-    metrics = _metrics(head.predict(Xa[va]), ya[va])
+    metrics = _metrics(head.predict(Xa[va]), ya[va], [ids[i] for i in va])
     metrics.update(
         n_train=len(tr),
         n_val=len(va),
@@ -571,7 +647,7 @@ def train_value_head(
         groups_val=groups_val,
         epochs_run=len(history),
         best_epoch=best_epoch,
-        val_loss=best_loss,  # weighted BCE of the kept weights (the early-stopping objective)
+        val_loss=best_loss,  # the early-stopping objective (weighted BCE + pairwise * rank loss)
         val_loss_history=history,
         seconds=time.perf_counter() - t0,
     )
@@ -579,12 +655,14 @@ def train_value_head(
     return head, metrics
 
 
-def evaluate(head: ValueHead, X: Any, y: Any) -> dict[str, Any]:
-    """The training metrics (unweighted) on held-out rows, e.g. EVAL problems' steps."""
+def evaluate(head: ValueHead, X: Any, y: Any, *, groups: Any = None) -> dict[str, Any]:
+    """The training metrics (unweighted) on held-out rows, e.g. EVAL problems' steps; with
+    groups (one problem id per row) also the within-problem AUC."""
     Xa = _check_X(X)
     ya = _check_y(y, len(Xa))
     if len(Xa) == 0:
         raise ValueError("X has no rows: nothing to evaluate")
-    metrics = _metrics(head.predict(Xa), ya)
+    ids = None if groups is None else _check_groups(groups, len(Xa))
+    metrics = _metrics(head.predict(Xa), ya, ids)
     metrics["n"] = len(Xa)
     return metrics

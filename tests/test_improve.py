@@ -101,6 +101,19 @@ def test_loop_trains_on_the_search_targets_and_reports_paired(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "learned_r0" in md and "self_consistency" in md
     assert (tmp_path / "report.png").stat().st_size > 1000
+    # The head on EVAL candidates: every learned run, counted from its own traces
+    assert set(report["candidates"]) == {"learned_r0/mcts-40", "learned_r0/best_of_n-40"}
+    bon = pq.read_table(tmp_path / "eval/learned_r0/best_of_n-40/traces.parquet").to_pylist()
+    finished = [t for t in bon if t["answer"] is not None]
+    pairs = sum(
+        1
+        for a in finished
+        for b in finished
+        if a["problem_id"] == b["problem_id"] and a["correct"] and not b["correct"]
+    )
+    got = report["candidates"]["learned_r0/best_of_n-40"]
+    assert got["candidates"] == len(finished) and got["within_pairs"] == pairs > 0
+    assert "within one problem only" in md and "within-problem AUC" in md
 
 
 def test_train_reward_guides_train_only_and_baseline_budgets(tmp_path):

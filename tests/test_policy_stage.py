@@ -168,7 +168,7 @@ def test_loop_policy_stage_trains_exports_and_reports_both_policies(base, tmp_pa
     cfg = ImproveConfig(
         train_budget=60,
         budgets=[40],
-        eval_runs=["mcts"],
+        eval_runs=["mcts", "best_of_n"],
         baseline=False,
         head=ValueHeadConfig(epochs=60, patience=20, val_fraction=0.25),
         policy=PolicyConfig(method="sft", epochs=1, batch_size=4, lora_r=4, lora_alpha=8),
@@ -200,6 +200,12 @@ def test_loop_policy_stage_trains_exports_and_reports_both_policies(base, tmp_pa
     assert "vs previous policy" in md and "Policy round0: sft" in md
     greedy = (tmp_path / "eval" / "policy_r0" / "greedy-0" / "results.jsonl").read_text()
     assert len(greedy.splitlines()) == 8 and '"reference": null' not in greedy
+    # the round's own policy is not sampled twice: its vote is the learned best-of-N's vote
+    assert not (tmp_path / "eval" / "policy_r0" / "best_of_n-40").exists()
+    index = {(r["reward"], r["method"], r["budget"]): r for r in report["records"]}
+    sc0, sc_learned = (index[(t, "self_consistency", 40)] for t in ("policy_r0", "learned_r0"))
+    assert sc0["source"] == "learned_r0/best_of_n-40" and sc0["ok"] == sc_learned["ok"]
+    assert index[("policy_r1", "self_consistency", 40)]["source"] == "policy_r1/best_of_n-40"
 
 
 def test_a_second_round_searches_with_the_new_policy_and_fits_its_own_head(base, tmp_path):

@@ -9,6 +9,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rewards.value_model import (
     ValueHead,
@@ -16,6 +18,7 @@ from rewards.value_model import (
     data_fingerprint,
     evaluate,
     train_value_head,
+    within_group_auc,
 )
 
 D = 32
@@ -146,6 +149,103 @@ def test_evaluate_one_class_gives_nan_auc_with_note(trained, data):
     assert math.isnan(m["auc"]) and "one class" in m["notes"][0]
 
 
+# ---------------------------------------------------------------- within-problem order
+
+
+def _within_reference(labels, scores, groups):
+    """Plain loops: every (correct, incorrect) pair of one group, ties half."""
+    total = wins = 0.0
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if groups[i] == groups[j] and labels[i] and not labels[j]:
+                total += 1
+                wins += 1.0 if scores[i] > scores[j] else 0.5 if scores[i] == scores[j] else 0.0
+    return (wins / total if total else math.nan), int(total)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.booleans(), st.integers(0, 4), st.sampled_from("abc")),
+        min_size=0,
+        max_size=25,
+    )
+)
+def test_within_group_auc_matches_pairwise_reference(rows):
+    labels = [r[0] for r in rows]
+    scores = [r[1] / 4 for r in rows]  # few values: ties are common
+    groups = [r[2] for r in rows]
+    auc, pairs, n_groups = within_group_auc(labels, scores, groups)
+    ref, ref_pairs = _within_reference(labels, scores, groups)
+    assert pairs == ref_pairs
+    assert (math.isnan(auc) and math.isnan(ref)) or auc == pytest.approx(ref)
+    both = {
+        g
+        for g in set(groups)
+        if {lab for lab, gg in zip(labels, groups, strict=True) if gg == g} == {True, False}
+    }
+    assert n_groups == len(both)
+
+
+def test_within_auc_ignores_which_problem_is_easy():
+    # problem a: every step scores above every step of problem b, but within each problem
+    # the incorrect step outranks the correct one: plain AUC is high, the within-AUC is 0
+    labels = [True, True, False, True, False, False]
+    scores = [0.9, 0.8, 0.95, 0.1, 0.2, 0.05]
+    groups = ["a", "a", "a", "b", "b", "b"]
+    auc, pairs, n_groups = within_group_auc(labels, scores, groups)
+    assert (pairs, n_groups) == (4, 2)  # a: 2 x 1, b: 1 x 2
+    assert auc == pytest.approx(0.25)  # b's 0.1 beats its 0.05; the rest are inversions
+
+
+def _grouped(n_groups: int = 60, per: int = 8, seed: int = 0):
+    """Half of each problem's steps correct, decided by feature 1 only; feature 0 is a
+    per-problem offset that says nothing about which step is right."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n_groups * per, 8)).astype(np.float32)
+    gi = np.repeat(np.arange(n_groups), per)
+    X[:, 0] = rng.normal(size=n_groups)[gi] * 3
+    y = np.zeros(len(gi))
+    for g in range(n_groups):
+        rows = np.flatnonzero(gi == g)
+        y[rows[np.argsort(X[rows, 1])[per // 2 :]]] = 1.0
+    return X, y, [f"p{g}" for g in gi]
+
+
+def test_pairwise_head_orders_steps_within_a_problem():
+    X, y, groups = _grouped()
+    head, m = train_value_head(X, y, groups=groups, cfg=ValueHeadConfig(pairwise=1.0, seed=2))
+    assert m["within_auc"] > 0.9 and m["within_groups"] == 12  # 20% of 60 problems
+    Xt, yt, gt = _grouped(seed=7)
+    ev = evaluate(head, Xt, yt, groups=gt)
+    assert ev["within_auc"] > 0.9 and ev["within_pairs"] == 60 * 16
+    assert "within_auc" not in evaluate(head, Xt, yt)  # no groups, no within-problem figure
+
+
+def test_pairwise_needs_a_problem_with_both_labels():
+    X, y, groups = _good()  # groups of 5 rows alternate labels: give each one label only
+    y = np.array([float(g % 2) for g in groups])
+    with pytest.raises(ValueError, match="ValueHeadConfig.pairwise > 0 needs problems with both"):
+        train_value_head(X, y, groups=groups, cfg=ValueHeadConfig(pairwise=1.0))
+    _, m = train_value_head(X, y, groups=groups)  # BCE alone still trains
+    assert math.isnan(m["within_auc"]) and "within_auc is NaN" in " ".join(m["notes"])
+
+
+def test_checkpoint_without_pairwise_field_loads_as_bce_only(trained, tmp_path):
+    # heads saved before the field existed read back as pairwise = 0 (what they were)
+    import json
+
+    head, _, _ = trained
+    path = tmp_path / "old.pt"
+    head.save(path, feature_identity=IDENTITY, data_fingerprint="f" * 64)
+    blob = torch.load(path, weights_only=True)
+    header = json.loads(blob["header"])
+    del header["config"]["pairwise"]
+    blob["header"] = json.dumps(header)
+    torch.save(blob, path)
+    assert ValueHead.load(path).config.pairwise == 0.0
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -213,6 +313,8 @@ def test_bad_training_input(kwargs, match):
         ("standardize", 1),
         ("extra_features", ["a", "a"]),
         ("seed", 1.5),
+        ("pairwise", -0.5),
+        ("pairwise", float("nan")),
     ],
 )
 def test_config_validate_names_field(field, value):

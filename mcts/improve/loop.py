@@ -19,6 +19,8 @@
       policy      (improve.policy.method sft|dpo) fine-tune the BASE policy on this round's
                   TRAIN run (ReST-EM), export it, evaluate it against the round's policy
                   (greedy, self-consistency); it is round r+1's policy  round{r}/policy/
+                  (the round's own policy is not sampled again for its vote: the report
+                  reads it from the learned head's best-of-N run, the same samples)
     report        accuracy + 95% CI, McNemar vs self-consistency of the same policy and vs
                   the baseline reward, pass@k, tokens                 report.json / .md / .png
 
@@ -253,6 +255,8 @@ def run_improve(
             for ptag, pgen in policies:
                 _evaluate_greedy(out, splits.eval, pgen, ptag, search_cfg)
             for ptag, pgen in policies:
+                if pgen is gen and "best_of_n" in cfg.eval_runs:
+                    continue  # this round's vote = learned_r<r>'s best-of-N vote (same samples)
                 _evaluate_votes(
                     out, splits.eval, pgen, ptag, search_cfg, cfg, progress, task_of["eval"]
                 )

@@ -42,7 +42,13 @@ def collect(out: Path, eval_problems: list[Problem], budgets: list[int]) -> list
                     continue  # greedy has no budget (one solution); every other run has one
                 if policy and method not in ("greedy", "self_consistency"):
                     continue  # a policy's own runs use the reward `none`: only the vote counts
-                rows = _rows(eval_dir / tag / f"{run}-{budget}", run)
+                source = f"{tag}/{run}-{budget}"
+                rows = _rows(eval_dir / source, run)
+                if not rows and policy and method == "self_consistency":
+                    # the loop does not sample the round's policy twice: its vote is the
+                    # vote over the learned head's best-of-N samples (same generator, seeds)
+                    source = f"learned_r{tag[len(POLICY_TAG) :]}/{run}-{budget}"
+                    rows = _rows(eval_dir / source, run)
                 if not rows:
                     continue
                 done = [i for i in ids if i in rows]
@@ -74,6 +80,7 @@ def collect(out: Path, eval_problems: list[Problem], budgets: list[int]) -> list
                         - mean("tokens_cached_prompt_tokens"),
                         "ids": done,
                         "ok": ok,
+                        "source": source,  # the run directory under eval/ it was read from
                     }
                 )
     return recs
@@ -141,9 +148,21 @@ def write_report(out: Path, eval_problems: list[Problem], cfg: Any) -> dict[str,
                 "n_train",
                 "n_val",
                 "epochs_run",
+                "within_auc",
+                "within_pairs",
+                "within_groups",
                 "calibration",
             )
         }
+    candidates = (
+        {
+            f"{d.parent.name}/{d.name}": c
+            for d in sorted(eval_dir.glob("learned_r*/*"))
+            if (c := candidate_auc(d)) is not None
+        }
+        if (eval_dir := out / "eval").exists()
+        else {}
+    )
     policy = {}
     for ppath in sorted(out.glob("round*/policy/trained.json")):
         rec = json.loads(ppath.read_text())
@@ -155,6 +174,7 @@ def write_report(out: Path, eval_problems: list[Problem], cfg: Any) -> dict[str,
         "baseline": baseline,
         "records": recs,
         "value_model": value,
+        "candidates": candidates,
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str))
     atomic_write_text(out / "report.md", to_markdown(report))
@@ -163,10 +183,44 @@ def write_report(out: Path, eval_problems: list[Problem], cfg: Any) -> dict[str,
     return report
 
 
+def candidate_auc(run_dir: Path) -> dict[str, Any] | None:
+    """How well the head's score of a finished solution (its last step's reward) separates
+    right from wrong answers among one EVAL run's candidates: over all candidates, and
+    within a problem only, which is what picking one answer needs. Read after the search,
+    from the references the search never saw; nothing is chosen on it."""
+    path = run_dir / "traces.parquet"
+    if not path.exists():
+        return None
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from rewards.value_model import binary_auc, within_group_auc
+
+    cols = ["problem_id", "reward", "answer", "correct"]
+    rows = [r for r in pq.read_table(path, columns=cols).to_pylist() if r["answer"] is not None]
+    rows = [r for r in rows if r["reward"]]
+    if not rows:
+        return None
+    ok = np.array([bool(r["correct"]) for r in rows])
+    score = np.array([float(r["reward"][-1]) for r in rows])
+    w_auc, pairs, groups = within_group_auc(ok, score, [r["problem_id"] for r in rows])
+    return {
+        "candidates": len(rows),
+        "auc": binary_auc(ok, score),
+        "within_auc": w_auc,
+        "within_pairs": pairs,
+        "within_groups": groups,
+    }
+
+
 def _fmt_test(t: dict[str, Any] | None) -> str:
     if not t:
         return "-"
     return f"{t['wins']}/{t['losses']} p={t['p']:.3f}"
+
+
+def _f3(x: Any) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -193,10 +247,27 @@ def to_markdown(report: dict[str, Any]) -> str:
     for name, m in report["value_model"].items():
         lines.append("")
         lines.append(
-            f"Value model {name} on held-out TRAIN problems: AUC {m.get('auc')}, ECE "
-            f"{m.get('ece')}, Brier {m.get('brier')} (n_train {m.get('n_train')}, n_val "
-            f"{m.get('n_val')}, epochs {m.get('epochs_run')})."
+            f"Value model {name} on held-out TRAIN problems: AUC {_f3(m.get('auc'))}, "
+            f"within-problem AUC {_f3(m.get('within_auc'))} ({m.get('within_groups')} "
+            f"problems with both labels), ECE {_f3(m.get('ece'))}, Brier {_f3(m.get('brier'))} "
+            f"(n_train {m.get('n_train')}, n_val {m.get('n_val')}, epochs "
+            f"{m.get('epochs_run')})."
         )
+    if report.get("candidates"):
+        lines += [
+            "",
+            "The head on EVAL candidates (after the search, against the references it never "
+            "saw): AUC of a finished solution's score for a right answer, over all candidates "
+            "and within one problem only (what picking an answer needs).",
+            "",
+            "| run | candidates | AUC | within-problem AUC (pairs, problems) |",
+            "|---|---:|---:|---|",
+        ]
+        for name, c in report["candidates"].items():
+            lines.append(
+                f"| {name} | {c['candidates']} | {_f3(c['auc'])} | {_f3(c['within_auc'])} "
+                f"({c['within_pairs']}, {c['within_groups']}) |"
+            )
     for name, p in report.get("policy", {}).items():
         lines.append("")
         lines.append(
