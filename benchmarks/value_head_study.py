@@ -13,6 +13,14 @@ runs showed the head ordering one problem's candidates far worse than it orders 
 problems (it learns which problems are easy); the pairwise candidates (rStar-Math's ranking
 loss within a problem) were added then too. Early stopping reads the same held-out problems,
 which flatters every candidate alike.
+
+    python benchmarks/value_head_study.py RUN/round1/labels.npz --score-on train_best_of_n
+
+--score-on SOURCE (labels of a loop run with improve.label_runs): which TRAIN rows to fit
+on, scored where best-of-N and the weighted vote use the head, i.e. on the held-out
+problems' rows of SOURCE only (independent samples). Candidates, simplest first: each head
+of SOURCE_HEADS fit on the main run's rows only, then on all rows. Rule, fixed before the
+run: the one-standard-error rule on the within-problem AUC of those rows.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ CANDIDATES = {  # name -> (ValueHeadConfig fields, extra scalar columns); simple
 }
 METRICS = ("auc", "within_auc", "ece", "brier")
 TITLE = "Value head choice (held-out TRAIN problems)"
+TITLE_SOURCES = "Value head training rows: tree steps or independent samples (held-out TRAIN)"
 
 
 def extra_columns(labels) -> dict[str, np.ndarray]:
@@ -101,6 +110,67 @@ def study(labels_path: Path, seeds: int) -> dict[str, dict]:
     return out
 
 
+SOURCE_HEADS = ("logistic wd1e-4", "mlp64 wd1e-2")
+
+
+def source_study(labels_path: Path, seeds: int, score_on: str) -> dict[str, dict]:
+    """Each head of SOURCE_HEADS fit on the main run's rows, then on all rows, scored on the
+    held-out problems' `score_on` rows (see the module docstring)."""
+    from mcts.improve.labels import LabelSet
+    from rewards.value_model import ValueHeadConfig, evaluate, train_value_head
+
+    labels = LabelSet.load(labels_path)
+    src = labels.source_of_rows()
+    if score_on not in set(src):
+        raise SystemExit(f"{labels_path}: no rows from {score_on!r} (sources: {sorted(set(src))})")
+    main_rows = src == src[0]
+    out: dict[str, dict] = {}
+    for head in SOURCE_HEADS:
+        fields = CANDIDATES[head][0]
+        for rows_name, keep in (
+            (f"{src[0]} rows", main_rows),
+            ("all rows", np.ones_like(main_rows)),
+        ):
+            runs = []
+            for seed in range(seeds):
+                cfg = replace(ValueHeadConfig(), seed=seed, **fields)
+                h, m = train_value_head(
+                    labels.X[keep],
+                    labels.y[keep],
+                    groups=labels.groups[keep],
+                    weights=labels.weights[keep],
+                    cfg=cfg,
+                )
+                val = set(m["groups_val"])
+                sel = (src == score_on) & np.array([g in val for g in labels.groups])
+                ev = evaluate(h, labels.X[sel], labels.y[sel], groups=labels.groups[sel])
+                runs.append(
+                    {
+                        **{k: ev[k] for k in METRICS},
+                        "within_groups": ev["within_groups"],
+                        "val_groups": sorted(val),
+                    }
+                )
+            summary = {
+                k: [float(np.nanmean([r[k] for r in runs])), float(np.nanstd([r[k] for r in runs]))]
+                for k in METRICS
+            }
+            name = f"{head}, fit on {rows_name}"
+            out[name] = {
+                "config": asdict(replace(ValueHeadConfig(), **fields)),
+                "runs": runs,
+                **summary,
+            }
+            print(
+                f"{name}: within {summary['within_auc'][0]:.3f} +- {summary['within_auc'][1]:.3f}",
+                flush=True,
+            )
+    splits = {tuple(tuple(r["val_groups"]) for r in v["runs"]) for v in out.values()}
+    for v in out.values():
+        v["same_splits"] = len(splits) == 1  # every candidate held out the same problems
+    return out
+
+
 def choose(res: dict[str, dict], key: str = "auc") -> str:
     """The one-standard-error rule over the splits (see the module docstring)."""
     best = max(res.values(), key=lambda v: v[key][0])
@@ -108,7 +178,9 @@ def choose(res: dict[str, dict], key: str = "auc") -> str:
     return next(n for n, v in res.items() if v[key][0] >= best[key][0] - se)
 
 
-def to_markdown(res: dict[str, dict], labels_path: Path, meta: dict, seeds: int) -> str:
+def to_markdown(
+    res: dict[str, dict], labels_path: Path, meta: dict, seeds: int, key: str = ""
+) -> str:
     first = next(iter(res.values()))["runs"]
     groups = "-".join(str(f(r["within_groups"] for r in first)) for f in (min, max))
     lines = [
@@ -127,12 +199,15 @@ def to_markdown(res: dict[str, dict], labels_path: Path, meta: dict, seeds: int)
             f"{v['within_auc'][1]:.3f} | {v['ece'][0]:.3f} +- {v['ece'][1]:.3f} | "
             f"{v['brier'][0]:.4f} +- {v['brier'][1]:.4f} |"
         )
-    lines += [
-        "",
-        f"Chosen by the rule in the script (the simplest within one standard error of the "
-        f"best mean): by AUC **{choose(res)}**; by within-problem AUC "
-        f"**{choose(res, 'within_auc')}**.",
-    ]
+    rule = "Chosen by the rule in the script (the simplest within one standard error of the best mean): "
+    if key:
+        lines += ["", rule + f"by within-problem AUC **{choose(res, key)}**."]
+    else:
+        lines += [
+            "",
+            rule + f"by AUC **{choose(res)}**; by within-problem AUC "
+            f"**{choose(res, 'within_auc')}**.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -142,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         "labels", type=Path, nargs="+", help="round<k>/labels.npz of a loop run (TRAIN only)"
     )
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--score-on", default=None, help="a label source, e.g. train_best_of_n")
     ap.add_argument("--write-results", action="store_true")
     a = ap.parse_args(argv)
     for path in a.labels:
@@ -151,21 +227,36 @@ def main(argv: list[str] | None = None) -> None:
 
     results, parts = {}, []
     for path in a.labels:  # one table per labels file (e.g. each round's policy)
-        results[str(path)] = res = study(path, a.seeds)
-        parts.append(to_markdown(res, path, LabelSet.load(path).meta, a.seeds))
+        meta = LabelSet.load(path).meta
+        if a.score_on:
+            results[str(path)] = res = source_study(path, a.seeds, a.score_on)
+            parts.append(
+                f"Scored on the held-out problems' `{a.score_on}` rows only (the same "
+                f"problems held out for every candidate: {next(iter(res.values()))['same_splits']})"
+                ". Rows per run: "
+                + ", ".join(f"{Path(m['run_dir']).name} {m['rows']}" for m in meta.get("runs", []))
+                + ".\n\n"
+                + to_markdown(res, path, meta, a.seeds, key="within_auc")
+            )
+        else:
+            results[str(path)] = res = study(path, a.seeds)
+            parts.append(to_markdown(res, path, meta, a.seeds))
     md = "\n".join(parts)
     out = ROOT / "benchmarks" / "out"
     out.mkdir(exist_ok=True)
-    (out / "value_head_study.json").write_text(json.dumps(results, indent=2))
+    suffix = f"_{a.score_on}" if a.score_on else ""
+    (out / f"value_head_study{suffix}.json").write_text(json.dumps(results, indent=2))
     print(md)
     if a.write_results:
         from benchmarks._results import write_section
 
         files = " ".join(str(p) for p in a.labels)
-        cmd = f"`python benchmarks/value_head_study.py {files} --seeds {a.seeds} --write-results`"
-        notes = ROOT / "benchmarks" / "value_head_study_notes.md"  # the reading, by hand
+        flag = f" --score-on {a.score_on}" if a.score_on else ""
+        cmd = f"`python benchmarks/value_head_study.py {files} --seeds {a.seeds}{flag} --write-results`"
+        notes = ROOT / "benchmarks" / f"value_head_study{suffix}_notes.md"  # the reading, by hand
         extra = "\n" + notes.read_text() if notes.exists() else ""
-        write_section(TITLE, f"Command: {cmd}\n\n" + md + extra)
+        title = TITLE_SOURCES if a.score_on else TITLE
+        write_section(title, f"Command: {cmd}\n\n" + md + extra)
 
 
 if __name__ == "__main__":

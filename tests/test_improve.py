@@ -12,13 +12,13 @@ import pytest
 
 from mcts.config import SearchConfig
 from mcts.improve import ImproveConfig, run_improve
-from mcts.improve.labels import LabelSet
+from mcts.improve.labels import LabelSet, label_rows
 from mcts.improve.splits import SplitError, Splits, make_splits, question_key
 from mcts.search import search
 from mcts.types import Problem
 from rewards.base import RewardError
 from rewards.learned import LearnedValue
-from rewards.value_model import ValueHeadConfig
+from rewards.value_model import ValueHead, ValueHeadConfig, data_fingerprint
 from tests.fakes import RIGHT, FakePRM, FeatureFakeGenerator, fake_config
 
 
@@ -136,6 +136,33 @@ def test_train_reward_guides_train_only_and_baseline_budgets(tmp_path):
     assert not (tmp_path / "eval" / "SpyPRM" / "mcts-60").exists()
 
 
+def test_label_runs_add_their_rows_to_the_heads_training_data(tmp_path):
+    # improve.label_runs: a best-of-N TRAIN search whose labels join the MCTS ones
+    run_improve(
+        icfg(label_runs=["best_of_n"], eval_runs=["best_of_n"]),
+        scfg(),
+        FeatureFakeGenerator(),
+        FakePRM(),
+        tmp_path,
+        splits=SPLITS,
+    )
+    rd = tmp_path / "round0"
+    labels = LabelSet.load(rd / "labels.npz")
+    mcts = label_rows(rd / "train", "mcts")
+    bon = label_rows(rd / "train_best_of_n", "best_of_n")
+    assert len(mcts.y) and len(bon.y) and len(labels.y) == len(mcts.y) + len(bon.y)
+    src = labels.source_of_rows()
+    assert list(src).count("train_best_of_n") == len(bon.y)
+    np.testing.assert_array_equal(labels.y[src == "train_best_of_n"], bon.y)
+    # a best-of-N path's steps all carry the path's verified outcome
+    traces = pq.read_table(rd / "train_best_of_n" / "traces.parquet").to_pylist()
+    assert all(set(t["value_target"]) <= {0.0, 1.0} for t in traces)
+    head = ValueHead.load(rd / "value.pt")
+    fp = data_fingerprint(labels.X, labels.y, labels.groups, weights=labels.weights)
+    assert head.data_fingerprint == fp  # the head was fit on both runs' rows
+    assert head.meta["labels"]["runs"][1]["algorithm"] == "best_of_n"
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [
@@ -144,6 +171,8 @@ def test_train_reward_guides_train_only_and_baseline_budgets(tmp_path):
         (dict(train_reward={"path": "x"}), "improve.train_reward"),
         (dict(eval_rounds=[]), "improve.eval_rounds"),
         (dict(rounds=2, eval_rounds=[2]), "improve.eval_rounds"),
+        (dict(label_runs=["beam"]), "improve.label_runs"),
+        (dict(label_runs=["best_of_n", "best_of_n"]), "improve.label_runs"),
     ],
 )
 def test_bad_improve_settings_are_named(bad, match):

@@ -221,6 +221,7 @@ def test_a_second_round_searches_with_the_new_policy_and_fits_its_own_head(base,
     cfg = ImproveConfig(
         rounds=2,
         eval_rounds=[1],
+        label_runs=["best_of_n"],
         train_budget=60,
         budgets=[40],
         eval_runs=["mcts", "best_of_n"],
@@ -266,6 +267,10 @@ def test_a_second_round_searches_with_the_new_policy_and_fits_its_own_head(base,
     tags = {r["reward"] for r in report["records"]}
     assert tags == {"learned_r1", "policy_r1", "policy_r2"}  # nothing of round 0 on EVAL
     assert not (tmp_path / "eval" / "learned_r0").exists()
+    # label_runs search TRAIN only in the round whose head is used (round 1 searches EVAL;
+    # round 0's head guides nothing: round 1 has a new policy)
+    assert (tmp_path / "round1" / "train_best_of_n" / "results.jsonl").exists()
+    assert not (tmp_path / "round0" / "train_best_of_n").exists()
     mcts1 = next(
         r for r in report["records"] if (r["reward"], r["method"]) == ("learned_r1", "mcts")
     )

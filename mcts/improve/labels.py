@@ -42,6 +42,38 @@ class LabelSet:
     problem_ids: np.ndarray
     nodes: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    # per row, the TRAIN run it came from (its directory name, e.g. "train" or
+    # "train_best_of_n"); None: every row from meta["run_dir"]
+    sources: np.ndarray | None = None
+
+    def source_of_rows(self) -> np.ndarray:
+        if self.sources is not None:
+            return self.sources
+        return np.full(len(self.y), Path(str(self.meta.get("run_dir", "train"))).name)
+
+    @classmethod
+    def concat(cls, parts: list[LabelSet]) -> LabelSet:
+        """Rows of several TRAIN runs of the same problems in one set (meta: each run's)."""
+        if len(parts) == 1:
+            return parts[0]
+        dims = {p.X.shape[1] for p in parts if len(p.y)}
+        if len(dims) > 1:
+            raise ValueError(f"label sets of different feature widths {sorted(dims)}")
+        return cls(
+            X=np.concatenate([p.X for p in parts]).astype(np.float32),
+            y=np.concatenate([p.y for p in parts]),
+            weights=np.concatenate([p.weights for p in parts]),
+            groups=np.concatenate([p.groups for p in parts]).astype(str),
+            problem_ids=np.concatenate([p.problem_ids for p in parts]).astype(str),
+            nodes=np.concatenate([p.nodes for p in parts]).astype(np.int64),
+            sources=np.concatenate([p.source_of_rows() for p in parts]).astype(str),
+            meta={
+                **parts[0].meta,
+                "rows": int(sum(len(p.y) for p in parts)),
+                "positive_rate": float(np.mean(np.concatenate([p.y for p in parts]) >= 0.5)),
+                "runs": [p.meta for p in parts],
+            },
+        )
 
     def save(self, path: Path) -> Path:
         """One .npz (no pickles) and a .json beside it with the counts; both atomic."""
@@ -56,6 +88,7 @@ class LabelSet:
                     groups=self.groups.astype(str),
                     problem_ids=self.problem_ids.astype(str),
                     nodes=self.nodes,
+                    sources=self.source_of_rows().astype(str),
                 )
 
         atomic_write(path, write)
@@ -67,6 +100,7 @@ class LabelSet:
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in ("X", "y", "weights", "groups", "problem_ids", "nodes")}
+                arrays["sources"] = z["sources"] if "sources" in z.files else None
         except (OSError, ValueError, KeyError) as exc:
             raise ValueError(
                 f"{path}: not a label set written by mcts.improve ({exc}); delete it and rerun "

@@ -7,6 +7,9 @@
                   head of round r-1, or, when round r-1 trained a new policy, round 0's
                   TRAIN reward again, since the old head reads the old policy's features)
                                                                       round{r}/train/
+                  (improve.label_runs: more TRAIN searches, e.g. best_of_n samples, whose
+                  labels join the head's rows, in rounds whose head is used)
+                                                                      round{r}/train_<run>/
       labels      value targets of verified terminals + the policy's hidden states
                   (the reference is used here, for TRAIN labels only)  round{r}/labels.npz
       value       train the head, held-out TRAIN problems for early stopping and the
@@ -85,6 +88,10 @@ class ImproveConfig:
     # verified terminals): labels come from verified terminals either way, and EVAL never
     # sees a reference. Rows record reward_uses_reference.
     train_reward: dict[str, Any] = field(default_factory=dict)  # {}: the configured reward
+    # More TRAIN searches whose labels join the head's rows (round{r}/train_<run>/), e.g.
+    # [best_of_n]: independent samples, the kind of candidates best-of-N and the weighted
+    # vote rank on EVAL (an ORM trained on what it ranks, as in Cobbe et al. / Math-Shepherd)
+    label_runs: list[str] = field(default_factory=list)
     head: ValueHeadConfig = field(default_factory=ValueHeadConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)  # method none: no policy stage
     # Rounds whose EVAL searches run (None: every round). Every round still trains its head
@@ -118,6 +125,12 @@ class ImproveConfig:
                 "train_reward",
                 f"must be empty (= the configured reward) or a reward config with a name, "
                 f"e.g. {{name: verifier}}; got {self.train_reward!r}",
+            )
+        extra = sorted(set(self.label_runs) - set(EVAL_RUNS))
+        if extra or len(set(self.label_runs)) != len(self.label_runs):
+            raise bad(
+                "label_runs",
+                f"must be distinct search algorithms from {list(EVAL_RUNS)}; got {self.label_runs}",
             )
         unknown = sorted(set(self.eval_runs) - set(EVAL_RUNS))
         if unknown:
@@ -220,7 +233,23 @@ def run_improve(
             task_config=task_of["train"],
         )
         write_report_safely(rd / "train", summary=res.summary)  # report.html of the stage
-        labels = _labels(rd, train_cfg.algorithm, cfg.min_support)
+        # the extra TRAIN searches only where this round's head is used: it searches EVAL,
+        # or guides the next round's TRAIN search (no policy stage in between)
+        used = cfg.evaluates(r) or (r + 1 < cfg.rounds and cfg.policy.method == "none")
+        label_runs = cfg.label_runs if used else []
+        for run in label_runs:
+            extra = {"bon_aggregation": "prm_max"} if run == "best_of_n" else {}
+            res = search(
+                splits.train,
+                gen,
+                search_reward,
+                replace(train_cfg, algorithm=run, **extra),
+                rd / f"train_{run}",
+                progress,
+                task_config=task_of["train"],
+            )
+            write_report_safely(rd / f"train_{run}", summary=res.summary)
+        labels = _labels(rd, train_cfg.algorithm, cfg.min_support, label_runs)
         head_path = _value(rd, labels, cfg.head, gen)
         evaluate = cfg.evaluates(r)
         if r == 0 and cfg.baseline and evaluate:
@@ -300,9 +329,15 @@ def _tag(reward: Reward) -> str:
     return str(getattr(reward, "name", type(reward).__name__))
 
 
-def _labels(rd: Path, algorithm: str, min_support: int) -> LabelSet:
-    """Rebuilt from the TRAIN run every time (cheap, and always what the run holds)."""
-    labels = label_rows(rd / "train", algorithm, min_support=min_support)
+def _labels(
+    rd: Path, algorithm: str, min_support: int, label_runs: list[str] | None = None
+) -> LabelSet:
+    """Rebuilt from the TRAIN runs every time (cheap, and always what the runs hold)."""
+    parts = [label_rows(rd / "train", algorithm, min_support=min_support)]
+    parts += [
+        label_rows(rd / f"train_{run}", run, min_support=min_support) for run in label_runs or []
+    ]
+    labels = LabelSet.concat(parts)
     labels.save(rd / "labels.npz")
     log.info("labels: %s", {k: labels.meta[k] for k in ("rows", "problems", "positive_rate")})
     return labels
