@@ -18,6 +18,10 @@ candidate of benchmarks/value_head_study.py picked there on held-out TRAIN label
 run dir starts from the second round's finished TRAIN stages and policy votes (hard links:
 the fingerprints check they were made with the same settings), so only the heads and the
 learned EVAL searches run; its table pairs each method with the default head's.
+
+--label-runs best_of_n (with --head): round 1 also samples best-of-N on TRAIN and the head
+is fit on those rows too (improve.label_runs), and EVAL runs best-of-N only (the ORM, PRM
+and weighted-vote picks: where the head ranks independent samples).
 """
 
 from __future__ import annotations
@@ -90,6 +94,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--second-round", action="store_true", help="rounds=2, EVAL in round 1")
     ap.add_argument("--head", default=None, help="with --second-round: a value_head_study head")
+    ap.add_argument("--label-runs", default=None, help="with --head: e.g. best_of_n")
+    ap.add_argument(
+        "--pair-with",
+        default="self_improve_round2",
+        help="with --head: the benchmarks/out/<name>.json run to pair with",
+    )
     ap.add_argument("--out", default=None, help="run dir (default outputs/improve/arith2d-r1|r2)")
     ap.add_argument("--report-only", action="store_true", help="no search: rebuild the report")
     ap.add_argument("--write-results", action="store_true")
@@ -100,10 +110,17 @@ def main(argv: list[str] | None = None) -> None:
     default = f"outputs/improve/arith2d-r{2 if a.second_round else 1}"
     fixed = OVERRIDES + (SECOND_ROUND if a.second_round else [])
     name, title = ("self_improve_round2", TITLE2) if a.second_round else ("self_improve", TITLE)
+    if a.label_runs and not a.head:
+        ap.error("--label-runs needs --head")
     if a.head:
         fixed += head_overrides(a.head)
         default, name = f"{default}-{slug(a.head)}", f"{name}_{slug(a.head)}"
-        title = f"{TITLE2[: TITLE2.index(' (')]}, value head {a.head} (issue 13)"
+        title = f"{TITLE2[: TITLE2.index(' (')]}, value head {a.head}"
+        if a.label_runs:
+            fixed += [f"improve.label_runs=[{a.label_runs}]", "improve.eval_runs=[best_of_n]"]
+            default, name = f"{default}-{a.label_runs}-labels", f"{name}_{a.label_runs}_labels"
+            title += f" fit with {a.label_runs} TRAIN samples"
+        title += " (issue 13)"
     out = (ROOT / (a.out or default)).resolve()
     overrides = fixed + list(a.extra)
     if a.head and not a.report_only:
@@ -132,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.copy(out / fname, dest / f"{name}.{fname.split('.')[-1]}")
     md = (out / "report.md").read_text()
     if a.head:
-        md += "\n" + against_default_head(report, dest / "self_improve_round2.json")
+        md += "\n" + against_default_head(report, dest / f"{a.pair_with}.json")
     elif a.second_round:
         md += "\n" + against_round0(report, dest / "self_improve.json")
     print(md)
@@ -141,6 +158,10 @@ def main(argv: list[str] | None = None) -> None:
 
         flag = " --second-round" if a.second_round else ""
         flag += f" --head '{a.head}'" if a.head else ""
+        flag += f" --label-runs {a.label_runs}" if a.label_runs else ""
+        flag += (
+            f" --pair-with {a.pair_with}" if a.head and a.pair_with != "self_improve_round2" else ""
+        )
         body = (
             f"Command: `python benchmarks/self_improve.py{flag} --write-results` (settings in "
             f"the script: {' '.join(fixed)}). Figures: benchmarks/out/{name}.png, "
