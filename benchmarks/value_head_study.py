@@ -117,7 +117,7 @@ def source_study(labels_path: Path, seeds: int, score_on: str) -> dict[str, dict
     """Each head of SOURCE_HEADS fit on the main run's rows, then on all rows, scored on the
     held-out problems' `score_on` rows (see the module docstring)."""
     from mcts.improve.labels import LabelSet
-    from rewards.value_model import ValueHeadConfig, evaluate, train_value_head
+    from rewards.value_model import ValueHeadConfig, evaluate, split_groups, train_value_head
 
     labels = LabelSet.load(labels_path)
     src = labels.source_of_rows()
@@ -134,14 +134,17 @@ def source_study(labels_path: Path, seeds: int, score_on: str) -> dict[str, dict
             runs = []
             for seed in range(seeds):
                 cfg = replace(ValueHeadConfig(), seed=seed, **fields)
+                # the same held-out problems for every candidate: drawn over ALL rows' groups
+                _, held_out = split_groups(list(labels.groups), cfg)
                 h, m = train_value_head(
                     labels.X[keep],
                     labels.y[keep],
                     groups=labels.groups[keep],
                     weights=labels.weights[keep],
                     cfg=cfg,
+                    val_groups=held_out,
                 )
-                val = set(m["groups_val"])
+                val = set(held_out)  # scored on all of them (a head may lack rows of some)
                 sel = (src == score_on) & np.array([g in val for g in labels.groups])
                 ev = evaluate(h, labels.X[sel], labels.y[sel], groups=labels.groups[sel])
                 runs.append(

@@ -37,6 +37,7 @@ __all__ = [
     "binary_auc",
     "data_fingerprint",
     "evaluate",
+    "split_groups",
     "train_value_head",
     "within_group_auc",
 ]
@@ -505,7 +506,7 @@ def data_fingerprint(X: Any, y: Any, groups: Any, *, weights: Any = None) -> str
     return h.hexdigest()
 
 
-def _split(ids: list[str], cfg: ValueHeadConfig) -> tuple[list[str], list[str]]:
+def split_groups(ids: list[str], cfg: ValueHeadConfig) -> tuple[list[str], list[str]]:
     uniq = sorted(set(ids))
     order = np.random.default_rng(cfg.seed).permutation(len(uniq))
     n_val = min(max(1, round(cfg.val_fraction * len(uniq))), len(uniq) - 1)
@@ -521,9 +522,11 @@ def train_value_head(
     groups: Any,
     weights: Any = None,
     cfg: ValueHeadConfig | None = None,
+    val_groups: Any = None,
 ) -> tuple[ValueHead, dict[str, Any]]:
-    """Fit the head with weighted soft-label BCE; split by problem; stop early on the
-    validation loss and keep the best epoch. Deterministic given cfg.seed.
+    """Fit the head with weighted soft-label BCE; split by problem (cfg.val_fraction drawn
+    with cfg.seed, or exactly `val_groups`); stop early on the validation loss and keep the
+    best epoch. Deterministic given cfg.seed.
 
     Returns the head and validation metrics (auc, brier, ece, log_loss, calibration, split
     sizes and group ids, epochs_run, best_epoch, val_loss_history, seconds)."""
@@ -555,7 +558,17 @@ def train_value_head(
         raise ValueError(
             f"ValueHeadConfig.extra_features names {len(cfg.extra_features)} columns but X has only {dim}"
         )
-    groups_train, groups_val = _split(ids, cfg)
+    if val_groups is None:
+        groups_train, groups_val = split_groups(ids, cfg)
+    else:  # the caller's held-out problems, e.g. the same ones for heads fit on other rows
+        val_given = {str(g) for g in val_groups}
+        groups_val = sorted(set(ids) & val_given)
+        groups_train = sorted(set(ids) - val_given)
+        if not groups_val or not groups_train:
+            raise ValueError(
+                f"val_groups leaves {len(groups_train)} training and {len(groups_val)} "
+                "validation problems among these rows; both need at least one"
+            )
     val_set = set(groups_val)
     is_val = np.array([g in val_set for g in ids])
     tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)

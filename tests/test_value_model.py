@@ -222,6 +222,16 @@ def test_pairwise_head_orders_steps_within_a_problem():
     assert "within_auc" not in evaluate(head, Xt, yt)  # no groups, no within-problem figure
 
 
+def test_val_groups_hold_out_exactly_those_problems(data):
+    X, y, groups, weights = data
+    held = ["p3", "p7", "p11", "absent"]  # a problem without rows is ignored
+    _, m = train_value_head(X, y, groups=groups, weights=weights, val_groups=held)
+    assert m["groups_val"] == ["p11", "p3", "p7"] and m["n_val"] == 30
+    assert not set(m["groups_train"]) & set(held)
+    with pytest.raises(ValueError, match="val_groups leaves 40 training and 0 validation"):
+        train_value_head(X, y, groups=groups, val_groups=["absent"])
+
+
 def test_pairwise_needs_a_problem_with_both_labels():
     X, y, groups = _good()  # groups of 5 rows alternate labels: give each one label only
     y = np.array([float(g % 2) for g in groups])
