@@ -246,10 +246,15 @@ def to_markdown(report: dict[str, Any]) -> str:
         )
     for name, m in report["value_model"].items():
         lines.append("")
+        within = (  # heads fit before the figure existed have none
+            f"within-problem AUC {_f3(m.get('within_auc'))} ({m['within_groups']} problems "
+            "with both labels), "
+            if m.get("within_groups") is not None
+            else ""
+        )
         lines.append(
-            f"Value model {name} on held-out TRAIN problems: AUC {_f3(m.get('auc'))}, "
-            f"within-problem AUC {_f3(m.get('within_auc'))} ({m.get('within_groups')} "
-            f"problems with both labels), ECE {_f3(m.get('ece'))}, Brier {_f3(m.get('brier'))} "
+            f"Value model {name} on held-out TRAIN problems: AUC {_f3(m.get('auc'))}, {within}"
+            f"ECE {_f3(m.get('ece'))}, Brier {_f3(m.get('brier'))} "
             f"(n_train {m.get('n_train')}, n_val {m.get('n_val')}, epochs "
             f"{m.get('epochs_run')})."
         )
