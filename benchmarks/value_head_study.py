@@ -79,6 +79,14 @@ def extra_columns(labels) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=np.float32) for k, v in cols.items()}
 
 
+def spread(runs: list[dict]) -> dict[str, list[float]]:
+    """Mean and sd over the splits of each metric (NaN splits left out)."""
+    return {
+        k: [float(np.nanmean([r[k] for r in runs])), float(np.nanstd([r[k] for r in runs]))]
+        for k in METRICS
+    }
+
+
 def study(labels_path: Path, seeds: int) -> dict[str, dict]:
     from mcts.improve.labels import LabelSet
     from rewards.value_model import ValueHeadConfig, train_value_head
@@ -96,10 +104,7 @@ def study(labels_path: Path, seeds: int) -> dict[str, dict]:
                 X, labels.y, groups=labels.groups, weights=labels.weights, cfg=cfg
             )
             runs.append({k: m[k] for k in (*METRICS, "within_groups", "epochs_run")})
-        summary = {
-            k: [float(np.nanmean([r[k] for r in runs])), float(np.nanstd([r[k] for r in runs]))]
-            for k in METRICS
-        }
+        summary = spread(runs)
         cfg = replace(base, extra_features=list(cols), **fields)
         out[name] = {"config": asdict(cfg), "runs": runs, **summary}
         print(
@@ -154,10 +159,7 @@ def source_study(labels_path: Path, seeds: int, score_on: str) -> dict[str, dict
                         "val_groups": sorted(val),
                     }
                 )
-            summary = {
-                k: [float(np.nanmean([r[k] for r in runs])), float(np.nanstd([r[k] for r in runs]))]
-                for k in METRICS
-            }
+            summary = spread(runs)
             name = f"{head}, fit on {rows_name}"
             out[name] = {
                 "config": asdict(replace(ValueHeadConfig(), **fields)),

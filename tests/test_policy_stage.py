@@ -159,20 +159,28 @@ def _planted_splits():
     return Splits(train=planted("train", 16), eval=planted("eval", 8), dropped_from_train=0)
 
 
-def test_loop_policy_stage_trains_exports_and_reports_both_policies(base, tmp_path):
-    from mcts.improve import ImproveConfig, run_improve
+def _loop_config(**kw):
+    """The loop tests' settings: tiny budgets, MCTS and best-of-N on EVAL, one SFT epoch."""
+    from mcts.improve import ImproveConfig
     from rewards.value_model import ValueHeadConfig
-    from tests.fakes import FeatureFakeGenerator, fake_config
 
-    splits = _planted_splits()
-    cfg = ImproveConfig(
+    return ImproveConfig(
         train_budget=60,
         budgets=[40],
         eval_runs=["mcts", "best_of_n"],
         baseline=False,
         head=ValueHeadConfig(epochs=60, patience=20, val_fraction=0.25),
         policy=PolicyConfig(method="sft", epochs=1, batch_size=4, lora_r=4, lora_alpha=8),
+        **kw,
     )
+
+
+def test_loop_policy_stage_trains_exports_and_reports_both_policies(base, tmp_path):
+    from mcts.improve import run_improve
+    from tests.fakes import FeatureFakeGenerator, fake_config
+
+    splits = _planted_splits()
+    cfg = _loop_config()
     served = []
 
     def policy_generator(gguf):
@@ -213,22 +221,12 @@ def test_a_second_round_searches_with_the_new_policy_and_fits_its_own_head(base,
     fine-tuned policy, under round 0's TRAIN reward (the round-0 head reads the old model),
     fits a head on the new policy's features, and is compared with that policy's own vote;
     eval_rounds=[1] leaves round 0 unevaluated."""
-    from mcts.improve import ImproveConfig, run_improve
-    from rewards.value_model import ValueHead, ValueHeadConfig
+    from mcts.improve import run_improve
+    from rewards.value_model import ValueHead
     from tests.fakes import FeatureFakeGenerator, fake_config
 
     splits = _planted_splits()
-    cfg = ImproveConfig(
-        rounds=2,
-        eval_rounds=[1],
-        label_runs=["best_of_n"],
-        train_budget=60,
-        budgets=[40],
-        eval_runs=["mcts", "best_of_n"],
-        baseline=False,
-        head=ValueHeadConfig(epochs=60, patience=20, val_fraction=0.25),
-        policy=PolicyConfig(method="sft", epochs=1, batch_size=4, lora_r=4, lora_alpha=8),
-    )
+    cfg = _loop_config(rounds=2, eval_rounds=[1], label_runs=["best_of_n"])
     served = []
 
     class Seen(FeatureFakeGenerator):

@@ -223,32 +223,17 @@ def run_improve(
             len(splits.train),
             _tag(search_reward) if search_reward is not reward else tag,
         )
-        res = search(
-            splits.train,
-            gen,
-            search_reward,
-            train_cfg,
-            rd / "train",
-            progress,
-            task_config=task_of["train"],
-        )
-        write_report_safely(rd / "train", summary=res.summary)  # report.html of the stage
         # the extra TRAIN searches only where this round's head is used: it searches EVAL,
         # or guides the next round's TRAIN search (no policy stage in between)
         used = cfg.evaluates(r) or (r + 1 < cfg.rounds and cfg.policy.method == "none")
         label_runs = cfg.label_runs if used else []
-        for run in label_runs:
-            extra = {"bon_aggregation": "prm_max"} if run == "best_of_n" else {}
+        trains = [(train_cfg, rd / "train")]
+        trains += [(_run_config(train_cfg, run), rd / f"train_{run}") for run in label_runs]
+        for tcfg, tdir in trains:
             res = search(
-                splits.train,
-                gen,
-                search_reward,
-                replace(train_cfg, algorithm=run, **extra),
-                rd / f"train_{run}",
-                progress,
-                task_config=task_of["train"],
+                splits.train, gen, search_reward, tcfg, tdir, progress, task_config=task_of["train"]
             )
-            write_report_safely(rd / f"train_{run}", summary=res.summary)
+            write_report_safely(tdir, summary=res.summary)  # report.html of the stage
         labels = _labels(rd, train_cfg.algorithm, cfg.min_support, label_runs)
         head_path = _value(rd, labels, cfg.head, gen)
         evaluate = cfg.evaluates(r)
@@ -446,6 +431,13 @@ def _evaluate_votes(
     )
 
 
+def _run_config(search_cfg: SearchConfig, run: str) -> SearchConfig:
+    """The search settings of one run kind: best-of-N scores every step (prm_max), so one
+    run yields its ORM, PRM, weighted-vote and vote picks."""
+    extra = {"bon_aggregation": "prm_max"} if run == "best_of_n" else {}
+    return replace(search_cfg, algorithm=run, **extra)
+
+
 def _evaluate(
     out: Path,
     problems: list,
@@ -462,16 +454,12 @@ def _evaluate(
 
     for budget in budgets or cfg.budgets:
         for run in cfg.eval_runs:
-            extra: dict[str, Any] = {"algorithm": run}
-            if run == "best_of_n":
-                extra["bon_aggregation"] = "prm_max"
             ecfg = replace(
-                search_cfg,
+                _run_config(search_cfg, run),
                 token_budget=budget,
                 solution_max_tokens=min(search_cfg.solution_max_tokens, budget),
                 hide_references=True,
                 value_target="auto",
-                **extra,
             )
             log.info("eval %s %s budget %d", tag, run, budget)
             res = search(
