@@ -20,8 +20,7 @@ the fingerprints check they were made with the same settings), so only the heads
 learned EVAL searches run; its table pairs each method with the default head's.
 
 --label-runs best_of_n (with --head): round 1 also samples best-of-N on TRAIN and the head
-is fit on those rows too (improve.label_runs), and EVAL runs best-of-N only (the ORM, PRM
-and weighted-vote picks: where the head ranks independent samples).
+is fit on those rows too (improve.label_runs); EVAL runs MCTS and best-of-N as before.
 """
 
 from __future__ import annotations
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         default, name = f"{default}-{slug(a.head)}", f"{name}_{slug(a.head)}"
         title = f"{TITLE2[: TITLE2.index(' (')]}, value head {a.head}"
         if a.label_runs:
-            fixed += [f"improve.label_runs=[{a.label_runs}]", "improve.eval_runs=[best_of_n]"]
+            fixed += [f"improve.label_runs=[{a.label_runs}]"]
             default, name = f"{default}-{a.label_runs}-labels", f"{name}_{a.label_runs}_labels"
             title += f" fit with {a.label_runs} TRAIN samples"
         title += " (issue 13)"
