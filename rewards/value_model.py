@@ -35,6 +35,7 @@ __all__ = [
     "ValueHead",
     "ValueHeadConfig",
     "binary_auc",
+    "cross_validate",
     "data_fingerprint",
     "evaluate",
     "split_groups",
@@ -678,4 +679,46 @@ def evaluate(head: ValueHead, X: Any, y: Any, *, groups: Any = None) -> dict[str
     ids = None if groups is None else _check_groups(groups, len(Xa))
     metrics = _metrics(head.predict(Xa), ya, ids)
     metrics["n"] = len(Xa)
+    return metrics
+
+
+def cross_validate(
+    X: Any,
+    y: Any,
+    *,
+    groups: Any,
+    weights: Any = None,
+    cfg: ValueHeadConfig | None = None,
+    folds: int = 5,
+) -> dict[str, Any]:
+    """Every problem held out once: `folds` heads, each fit (with its own early-stopping
+    split) on the other folds' problems, predict the held-out fold; the metrics are over the
+    pooled out-of-fold predictions of ALL rows. One validation split of a few dozen problems
+    is noisy; this figure uses every problem."""
+    cfg = (cfg or ValueHeadConfig()).validate()
+    Xa = _check_X(X)
+    ya = _check_y(y, len(Xa))
+    ids = _check_groups(groups, len(Xa))
+    wa = _check_weights(weights, len(Xa))
+    uniq = sorted(set(ids))
+    if not (isinstance(folds, int) and 2 <= folds <= len(uniq)):
+        raise ValueError(
+            f"folds must be an int in 2..{len(uniq)} (the number of problems), got {folds!r}"
+        )
+    order = np.random.default_rng(cfg.seed).permutation(len(uniq))
+    fold_of = {uniq[j]: k % folds for k, j in enumerate(order)}
+    fold = np.array([fold_of[g] for g in ids])
+    pred = np.empty(len(ya))
+    for k in range(folds):
+        test = fold == k
+        head, _ = train_value_head(
+            Xa[~test],
+            ya[~test],
+            groups=[ids[i] for i in np.flatnonzero(~test)],
+            weights=wa[~test],
+            cfg=cfg,
+        )
+        pred[test] = head.predict(Xa[test])
+    metrics = _metrics(pred, ya, ids)
+    metrics.update(folds=folds, n=len(ya), groups=len(uniq))
     return metrics

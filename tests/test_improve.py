@@ -98,6 +98,8 @@ def test_loop_trains_on_the_search_targets_and_reports_paired(tmp_path):
     assert mcts["vs_self_consistency"]["n"] == 8
     assert mcts["vs_baseline"] is not None  # vs the same method under the round-0 reward
     assert report["value_model"]["round0"]["auc"] is not None
+    cv = report["value_model"]["round0"]["cv"]  # every TRAIN problem held out once
+    assert cv["n"] == labels.y.size and cv["folds"] == 5 and cv["groups"] == 16
     md = (tmp_path / "report.md").read_text()
     assert "learned_r0" in md and "self_consistency" in md
     assert (tmp_path / "report.png").stat().st_size > 1000
@@ -114,6 +116,7 @@ def test_loop_trains_on_the_search_targets_and_reports_paired(tmp_path):
     got = report["candidates"]["learned_r0/best_of_n-40"]
     assert got["candidates"] == len(finished) and got["within_pairs"] == pairs > 0
     assert "within one problem only" in md and "within-problem AUC" in md
+    assert "5-fold, every one of the 16 TRAIN problems held out once" in md
 
 
 def test_train_reward_guides_train_only_and_baseline_budgets(tmp_path):
@@ -172,6 +175,7 @@ def test_label_runs_add_their_rows_to_the_heads_training_data(tmp_path):
         (dict(eval_rounds=[]), "improve.eval_rounds"),
         (dict(rounds=2, eval_rounds=[2]), "improve.eval_rounds"),
         (dict(label_runs=["beam"]), "improve.label_runs"),
+        (dict(cv_folds=1), "improve.cv_folds"),
         (dict(label_runs=["best_of_n", "best_of_n"]), "improve.label_runs"),
     ],
 )

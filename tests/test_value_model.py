@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from rewards.value_model import (
     ValueHead,
     ValueHeadConfig,
+    cross_validate,
     data_fingerprint,
     evaluate,
     train_value_head,
@@ -230,6 +231,25 @@ def test_val_groups_hold_out_exactly_those_problems(data):
     assert not set(m["groups_train"]) & set(held)
     with pytest.raises(ValueError, match="val_groups leaves 40 training and 0 validation"):
         train_value_head(X, y, groups=groups, val_groups=["absent"])
+
+
+def test_cross_validation_holds_every_problem_out_once(data):
+    X, y, groups, weights = data
+    m = cross_validate(X, y, groups=groups, weights=weights, folds=4)
+    assert (m["n"], m["groups"], m["folds"]) == (400, 40, 4) and m["auc"] > 0.9
+    # labels that only a head which saw the problem could know: one random label and one
+    # random feature vector per problem. Out of fold there is nothing to learn.
+    rng = np.random.default_rng(1)
+    centre = rng.normal(size=(40, D))
+    gi = np.repeat(np.arange(40), 10)
+    Xg = (centre[gi] + 0.01 * rng.normal(size=(400, D))).astype(np.float32)
+    yg = (rng.random(40) < 0.5).astype(float)[gi]
+    ids = [f"p{g}" for g in gi]
+    memorised = evaluate(train_value_head(Xg, yg, groups=ids)[0], Xg, yg)["auc"]
+    held_out = cross_validate(Xg, yg, groups=ids, folds=5)["auc"]
+    assert memorised > 0.8 and held_out < 0.7
+    with pytest.raises(ValueError, match="folds must be an int in 2..40"):
+        cross_validate(X, y, groups=groups, folds=41)
 
 
 def test_pairwise_needs_a_problem_with_both_labels():

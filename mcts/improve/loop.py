@@ -48,7 +48,13 @@ from mcts.improve.policy import PolicyConfig
 from mcts.improve.splits import Splits, check_disjoint, make_splits
 from mcts.report import write_index_safely, write_report_safely
 from mcts.types import Generator, Reward
-from rewards.value_model import ValueHead, ValueHeadConfig, data_fingerprint, train_value_head
+from rewards.value_model import (
+    ValueHead,
+    ValueHeadConfig,
+    cross_validate,
+    data_fingerprint,
+    train_value_head,
+)
 
 log = logging.getLogger("mcts.improve")
 
@@ -92,6 +98,9 @@ class ImproveConfig:
     # [best_of_n]: independent samples, the kind of candidates best-of-N and the weighted
     # vote rank on EVAL (an ORM trained on what it ranks, as in Cobbe et al. / Math-Shepherd)
     label_runs: list[str] = field(default_factory=list)
+    # The head's figures over EVERY TRAIN problem: k heads, each problem held out once
+    # (value_metrics.json "cv"; the saved head is unchanged). 0: off.
+    cv_folds: int = 5
     head: ValueHeadConfig = field(default_factory=ValueHeadConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)  # method none: no policy stage
     # Rounds whose EVAL searches run (None: every round). Every round still trains its head
@@ -132,6 +141,8 @@ class ImproveConfig:
                 "label_runs",
                 f"must be distinct search algorithms from {list(EVAL_RUNS)}; got {self.label_runs}",
             )
+        if not isinstance(self.cv_folds, int) or self.cv_folds == 1 or self.cv_folds < 0:
+            raise bad("cv_folds", f"must be 0 (off) or an int >= 2, got {self.cv_folds!r}")
         unknown = sorted(set(self.eval_runs) - set(EVAL_RUNS))
         if unknown:
             raise bad("eval_runs", f"unknown {unknown}; choose from {list(EVAL_RUNS)}")
@@ -235,7 +246,7 @@ def run_improve(
             )
             write_report_safely(tdir, summary=res.summary)  # report.html of the stage
         labels = _labels(rd, train_cfg.algorithm, cfg.min_support, label_runs)
-        head_path = _value(rd, labels, cfg.head, gen)
+        head_path = _value(rd, labels, cfg.head, gen, cfg.cv_folds)
         evaluate = cfg.evaluates(r)
         if r == 0 and cfg.baseline and evaluate:
             _evaluate(
@@ -328,7 +339,9 @@ def _labels(
     return labels
 
 
-def _value(rd: Path, labels: LabelSet, head_cfg: ValueHeadConfig, generator: Any) -> Path:
+def _value(
+    rd: Path, labels: LabelSet, head_cfg: ValueHeadConfig, generator: Any, cv_folds: int = 0
+) -> Path:
     """Train the head unless value.pt was already fit on exactly these labels and settings."""
     path = rd / "value.pt"
     fp = data_fingerprint(labels.X, labels.y, labels.groups, weights=labels.weights)
@@ -351,6 +364,18 @@ def _value(rd: Path, labels: LabelSet, head_cfg: ValueHeadConfig, generator: Any
         )
     except ValueError as exc:  # e.g. one label only, too few rows: name the data
         raise ValueError(f"{rd / 'labels.npz'}: {exc}") from exc
+    n_groups = len(set(labels.groups.tolist()))
+    if cv_folds and n_groups >= cv_folds:
+        metrics["cv"] = cross_validate(
+            labels.X,
+            labels.y,
+            groups=labels.groups,
+            weights=labels.weights,
+            cfg=head_cfg,
+            folds=cv_folds,
+        )
+    elif cv_folds:
+        metrics["cv"] = {"skipped": f"{n_groups} problems < improve.cv_folds={cv_folds}"}
     head.save(
         path,
         feature_identity=generator.feature_identity(),

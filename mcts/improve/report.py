@@ -151,6 +151,7 @@ def write_report(out: Path, eval_problems: list[Problem], cfg: Any) -> dict[str,
                 "within_auc",
                 "within_pairs",
                 "within_groups",
+                "cv",
                 "calibration",
             )
         }
@@ -258,6 +259,13 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"(n_train {m.get('n_train')}, n_val {m.get('n_val')}, epochs "
             f"{m.get('epochs_run')})."
         )
+        cv = m.get("cv") or {}
+        if "auc" in cv:
+            lines[-1] += (
+                f" {cv['folds']}-fold, every one of the {cv['groups']} TRAIN problems held out "
+                f"once: AUC {_f3(cv['auc'])}, within-problem AUC {_f3(cv.get('within_auc'))} "
+                f"({cv.get('within_groups')} problems with both labels), ECE {_f3(cv['ece'])}."
+            )
     if report.get("candidates"):
         lines += [
             "",
